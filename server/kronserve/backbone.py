@@ -1,0 +1,161 @@
+"""The frozen T5 every task shares: loading, freezing, fingerprinting, and offline stand-ins.
+
+A user's checkpoint (hub id or local directory) and the random stand-ins that `write_tiny_backbone`
+saves go through the same `load_backbone`, so tests exercise the real loading path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config
+from transformers import T5ForConditionalGeneration as T5
+
+from .errors import BackboneMismatch, KronserveError
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+Shape = Literal["tiny", "t5-small", "t5-base"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Architecture of the public T5 v1 checkpoints; "tiny" is a test-sized model of the same kind.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=384),
+    "t5-small": dict(
+        d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6, vocab_size=32128
+    ),
+    "t5-base": dict(
+        d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12, vocab_size=32128
+    ),
+}
+
+# Config keys that decide whether an adapter's numbers still mean the same thing.
+_ARCH_KEYS = (
+    "model_type",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_heads",
+    "num_layers",
+    "num_decoder_layers",
+    "vocab_size",
+    "feed_forward_proj",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+)
+_SAMPLE = 4096
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What an adapter is checked against: the geometry, plus a digest of config and weights.
+
+    The digest covers a sample of the float32 weights, so two random backbones of one shape differ.
+    """
+
+    model_type: str
+    d_model: int
+    num_layers: int
+    num_decoder_layers: int
+    vocab_size: int
+    digest: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Fingerprint:
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+        except (KeyError, TypeError) as e:
+            raise BackboneMismatch(f"adapter metadata 'backbone' is not a fingerprint: {e}") from e
+
+    def check(self, other: Fingerprint) -> None:
+        """Raise BackboneMismatch naming the first field where `other` (the adapter's) differs."""
+        for field in self.__dataclass_fields__:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                raise BackboneMismatch(
+                    f"adapter was made for another backbone: {field} is {theirs!r}, this backbone has {mine!r}"
+                )
+
+
+def fingerprint_of(model: T5) -> Fingerprint:
+    """Fingerprint a float32 model; call before any dtype cast so every dtype agrees."""
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in _ARCH_KEYS}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    last_ffn = model.decoder.block[-1].layer[-1].DenseReluDense.wo.weight
+    for tensor in (model.shared.weight, model.encoder.block[0].layer[0].SelfAttention.q.weight, last_ffn):
+        h.update(tensor.detach().float().flatten()[:_SAMPLE].contiguous().numpy().tobytes())
+    return Fingerprint(
+        model_type=cfg.model_type,
+        d_model=cfg.d_model,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        vocab_size=cfg.vocab_size,
+        digest=h.hexdigest()[:32],
+    )
+
+
+@dataclass
+class Backbone:
+    model: T5
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: Fingerprint
+    source: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KronserveError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> Backbone:
+    """Load a T5 checkpoint (hub id or directory) frozen, in eval mode, on `device` in `dtype`."""
+    if dtype not in DTYPES:
+        raise KronserveError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    model = T5.from_pretrained(source, dtype=torch.float32)
+    fingerprint = fingerprint_of(model)
+    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source)
+
+
+def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 0) -> Path:
+    """Save a randomly initialized T5 of a real shape with ByT5's byte tokenizer (needs no download)."""
+    if shape not in SHAPES:
+        raise KronserveError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    out = Path(out_dir)
+    config = T5Config(
+        **SHAPES[shape],
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = T5(config).eval()
+    model.save_pretrained(out)
+    ByT5Tokenizer().save_pretrained(out)
+    return out

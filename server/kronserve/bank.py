@@ -1,0 +1,197 @@
+"""Device-resident adapter weights, stacked by slot, so one gathered computation serves a mixed batch.
+
+Every method is stored in its dense bottleneck form per site (down [d, K], up [K, d], with scaling
+folded in; K = the largest bottleneck loaded, smaller ones zero-padded, which contributes exactly 0).
+Row 0 of every stack is the bare backbone (all zeros, base norms); slot s lives in row s + 1. The
+registry decides which slots are free; the bank only fills and clears them. Growth (more slots, a
+larger K) happens on load, never on the hot path: a batch plans against the tensors it snapshotted.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers.activations import ACT2FN
+
+from .errors import BankFull
+from .formats.native import AdapterFile
+from .kernels import Act, routed_bottleneck
+from .methods import Geometry
+from .routing import Route
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS: dict[str, Act] = {name: ACT2FN[name] for name in ("gelu", "gelu_new", "relu", "swish")}
+
+
+@dataclass
+class _Stacks:
+    down_w: torch.Tensor  # [sites, rows, d, K]
+    down_b: torch.Tensor  # [sites, rows, K]
+    up_w: torch.Tensor  # [sites, rows, K, d]
+    up_b: torch.Tensor  # [sites, rows, d]
+    norms: torch.Tensor  # [norms, rows, d]
+
+
+@dataclass(frozen=True)
+class _RowInfo:
+    k: int
+    activation: str
+    placement: str
+    has_norms: bool
+
+
+class AdapterBank:
+    def __init__(
+        self,
+        geometry: Geometry,
+        base_norms: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 8,
+        max_slots: int = 4096,
+    ) -> None:
+        self.geometry = geometry
+        self.sites = geometry.all_sites()
+        self.site_index = {s: i for i, s in enumerate(self.sites)}
+        self.norm_names = geometry.all_norms()
+        self.device, self.dtype, self.max_slots = device, dtype, max_slots
+        self._base_norms = torch.stack([base_norms[n] for n in self.norm_names]).to(device, dtype)  # [N, d]
+        self._lock = threading.Lock()
+        self._info: dict[int, _RowInfo] = {}
+        self._stacks = self._allocate(capacity + 1, 1)
+
+    @property
+    def capacity(self) -> int:
+        return self._stacks.down_w.shape[1] - 1
+
+    def loaded(self) -> int:
+        return len(self._info)
+
+    def write(self, slot: int, adapter: AdapterFile) -> None:
+        """Fill `slot` with `adapter` (already validated against this backbone)."""
+        if not 0 <= slot < self.max_slots:
+            raise BankFull(f"slot {slot} is outside the bank's 0..{self.max_slots - 1}")
+        spec, k = adapter.spec, adapter.spec.bottleneck(self.geometry)
+        dense = {site: spec.dense(adapter.tensors, site) for site in spec.active_sites(self.geometry)}
+        with self._lock:
+            self._grow(slot + 1, k)
+            st, row = self._stacks, slot + 1
+            self._clear_row(row)
+            for site, a in dense.items():
+                i = self.site_index[site]
+                st.down_w[i, row, :, :k] = a.down_w
+                st.down_b[i, row, :k] = a.down_b
+                st.up_w[i, row, :k, :] = a.up_w
+                st.up_b[i, row] = a.up_b
+            if spec.layer_norms:
+                for j, name in enumerate(self.norm_names):
+                    st.norms[j, row] = adapter.tensors[name]
+            self._info[slot] = _RowInfo(k, spec.activation, spec.placement, spec.layer_norms)
+
+    def clear(self, slot: int) -> None:
+        """Return `slot` to the bare backbone; the caller guarantees no batch in flight uses it."""
+        with self._lock:
+            if slot in self._info:
+                self._clear_row(slot + 1)
+                del self._info[slot]
+
+    def plan(self, route: Route) -> BatchPlan:
+        with self._lock:
+            infos = [self._info.get(s) for s in route.slots.tolist()]
+            return BatchPlan(route, self._stacks, infos)
+
+    def _clear_row(self, row: int) -> None:
+        st = self._stacks
+        for t in (st.down_w, st.down_b, st.up_w, st.up_b):
+            t[:, row].zero_()
+        st.norms[:, row] = self._base_norms
+
+    def _grow(self, rows_needed: int, k: int) -> None:
+        st = self._stacks
+        rows, cur_k = st.down_w.shape[1], st.down_w.shape[3]
+        if rows_needed <= rows and k <= cur_k:
+            return
+        new_rows = rows
+        while new_rows < rows_needed:
+            new_rows = min(2 * new_rows, self.max_slots + 1)
+        new = self._allocate(new_rows, max(k, cur_k))
+        new.down_w[:, :rows, :, :cur_k] = st.down_w
+        new.down_b[:, :rows, :cur_k] = st.down_b
+        new.up_w[:, :rows, :cur_k, :] = st.up_w
+        new.up_b[:, :rows] = st.up_b
+        new.norms[:, :rows] = st.norms
+        self._stacks = new
+
+    def _allocate(self, rows: int, k: int) -> _Stacks:
+        s, d = len(self.sites), self.geometry.d_model
+        kw = dict(device=self.device, dtype=self.dtype)
+        norms = self._base_norms.unsqueeze(1).expand(-1, rows, -1).clone()
+        return _Stacks(
+            torch.zeros(s, rows, d, k, **kw),
+            torch.zeros(s, rows, k, **kw),
+            torch.zeros(s, rows, k, d, **kw),
+            torch.zeros(s, rows, d, **kw),
+            norms,
+        )
+
+
+class BatchPlan:
+    """One batch's view of the bank: rows gathered per site on first use, masks built once."""
+
+    def __init__(self, route: Route, stacks: _Stacks, infos: list[_RowInfo | None]) -> None:
+        self.route = route
+        self._stacks = stacks
+        self._rows = route.slots + 1  # bank row of each request
+        present = [i for i in infos if i is not None]
+        self.active = bool(present)
+        self.use_norms = any(i.has_norms for i in present)
+        self._k = max((i.k for i in present), default=0)
+        self._acts = self._groups([i.activation if i else None for i in infos], ACTIVATIONS)
+        self._placements = self._groups([i.placement if i else None for i in infos], {p: p for p in PLACEMENTS})
+        self._site_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._norm_cache: dict[int, torch.Tensor] = {}
+
+    def _groups(self, names: list[str | None], table: dict) -> list:
+        """[(value, mask)] for the names present; bare rows join the first group (their weights are 0)."""
+        order = sorted({n for n in names if n is not None}) or [next(iter(table))]
+        if len(order) == 1:
+            return [(table[order[0]], None)]
+        dev = self.route.slots.device
+        return [(table[name], torch.tensor([n == name for n in names], device=dev).view(-1, 1, 1)) for name in order]
+
+    def delta(self, site: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The adapter output to add at `site`, for residual `x` and sublayer output `f` ([R, T, d])."""
+        shape = x.shape
+        m = self.route.expand(shape[0])
+        x = x.reshape(self.route.rows, m * shape[1], shape[2])  # [B, m·T, d]: beams ride with their row
+        f = f.reshape(x.shape)
+        z = self._adapter_input(x, f)
+        out = routed_bottleneck(z, *self._site_weights(site), self._acts)
+        return out.reshape(shape)
+
+    def norm_weight(self, norm: int) -> torch.Tensor:
+        """Per-row RMSNorm weights [B, 1, d] of norm `norm`."""
+        if norm not in self._norm_cache:
+            self._norm_cache[norm] = self._stacks.norms[norm].index_select(0, self._rows).unsqueeze(1)
+        return self._norm_cache[norm]
+
+    def _adapter_input(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        inputs = {"houlsby": lambda: f, "pfeiffer": lambda: x + f, "parallel": lambda: x}
+        first, _ = self._placements[0]
+        z = inputs[first]()
+        for name, mask in self._placements[1:]:
+            z = torch.where(mask, inputs[name](), z)
+        return z
+
+    def _site_weights(self, site: int) -> tuple[torch.Tensor, ...]:
+        if site not in self._site_cache:
+            st, k, rows = self._stacks, self._k, self._rows
+            self._site_cache[site] = (
+                st.down_w[site, :, :, :k].index_select(0, rows),  # [B, d, k]
+                st.down_b[site, :, :k].index_select(0, rows),  # [B, k]
+                st.up_w[site, :, :k, :].index_select(0, rows),  # [B, k, d]
+                st.up_b[site].index_select(0, rows),  # [B, d]
+            )
+        return self._site_cache[site]

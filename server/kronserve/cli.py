@@ -1,0 +1,108 @@
+"""The `kronserve` command: backbones, adapters, and (see `serve`) the service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .backbone import SHAPES
+from .errors import KronserveError
+
+app = typer.Typer(
+    help="kronserve: multi-task Compacter-family adapter serving on one frozen T5.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+backbone_app = typer.Typer(help="Backbones.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Adapter files.", no_args_is_help=True)
+app.add_typer(backbone_app, name="backbone")
+app.add_typer(adapter_app, name="adapter")
+
+
+@backbone_app.command("tiny")
+def backbone_tiny(
+    out_dir: Path,
+    shape: Annotated[str, typer.Option(help=f"one of {', '.join(SHAPES)}")] = "tiny",
+    seed: int = 0,
+) -> None:
+    """Write a randomly initialized T5 of a real shape with a byte tokenizer (no download needed)."""
+    from .backbone import write_tiny_backbone
+
+    write_tiny_backbone(out_dir, shape, seed)  # type: ignore[arg-type]
+    typer.echo(str(out_dir))
+
+
+@adapter_app.command("init")
+def adapter_init(
+    out: Path,
+    method: Annotated[str, typer.Option(help="compacter, compacter++, phm, houlsby or pfeiffer")] = "compacter++",
+    backbone: Annotated[str, typer.Option(help="hub id or directory of the backbone")] = ...,  # type: ignore[assignment]
+    task: Annotated[str, typer.Option(help="task id the adapter serves")] = ...,  # type: ignore[assignment]
+    reduction_factor: int | None = None,
+    phm_dim: int | None = None,
+    rank: int | None = None,
+    placement: str | None = None,
+    activation: str | None = None,
+    scaling: float | None = None,
+    layer_norms: Annotated[bool, typer.Option(help="carry per-task T5 layer norms")] = False,
+    seed: int = 0,
+    std: Annotated[
+        float | None, typer.Option(help="draw every weight from N(0, std) instead of the paper init")
+    ] = None,
+) -> None:
+    """Write a new adapter for BACKBONE, initialized as its paper does (or randomly with --std)."""
+    from .backbone import load_backbone
+    from .formats.native import AdapterFile, save
+    from .methods import Geometry, init_tensors, preset
+    from .t5_sites import base_norms
+
+    spec = preset(
+        method,
+        reduction_factor=reduction_factor,
+        phm_dim=phm_dim,
+        rank=rank,
+        placement=placement,
+        activation=activation,
+        scaling=scaling,
+        layer_norms=layer_norms or None,
+    )
+    bb = load_backbone(backbone, device="cpu")
+    fp = bb.fingerprint
+    geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+    norms = {k: v.float() for k, v in base_norms(bb.model).items()}
+    tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
+    save(AdapterFile(task, spec, fp, tensors), out)
+    typer.echo(json.dumps(_describe(spec, geometry, task)))
+
+
+@adapter_app.command("inspect")
+def adapter_inspect(file: Path) -> None:
+    """Print an adapter file's task, spec, backbone and parameter count as JSON."""
+    from .formats.native import load
+
+    a = load(file)
+    typer.echo(json.dumps({**_describe(a.spec, a.geometry, a.task), "backbone": a.fingerprint.as_dict()}, indent=2))
+
+
+def _describe(spec, geometry, task: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {
+        "task": task,
+        "method": spec.method,
+        "params": spec.param_count(geometry),
+        "spec": spec.model_dump(),
+    }
+
+
+def main() -> None:
+    """Console entry: a KronserveError is the user's to fix, so print its message, not a traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        app()
+    except KronserveError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Adapter file formats: the native one, and (later) importers that turn foreign formats into it."""

@@ -1,0 +1,150 @@
+"""What every adapter method shares: the T5 geometry it is laid on, site and norm names, the spec base.
+
+A *site* is a sublayer output where an adapter acts: `mh` (self-attention), `cross` (decoder
+cross-attention) and `ffn` (feed-forward) of each block. Sites are named `{stack}.{block}.{kind}`,
+e.g. `decoder.3.ffn`; a task's per-site tensors are prefixed with that name. Per-task T5 layer norms
+are named `layer_norm.{stack}.{block}.{kind}` and `layer_norm.{stack}.final`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import InvalidSpec
+
+SiteKind = Literal["mh", "cross", "ffn"]
+Placement = Literal["houlsby", "pfeiffer", "parallel"]
+Activation = Literal["gelu", "gelu_new", "relu", "swish"]
+
+ENCODER_KINDS: tuple[SiteKind, ...] = ("mh", "ffn")
+DECODER_KINDS: tuple[SiteKind, ...] = ("mh", "cross", "ffn")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The backbone numbers a spec's shapes depend on."""
+
+    d_model: int
+    num_layers: int
+    num_decoder_layers: int
+
+    def all_sites(self) -> list[str]:
+        """Every site the backbone has, in a fixed order (the bank's site index)."""
+        enc = [f"encoder.{i}.{k}" for i in range(self.num_layers) for k in ENCODER_KINDS]
+        dec = [f"decoder.{i}.{k}" for i in range(self.num_decoder_layers) for k in DECODER_KINDS]
+        return enc + dec
+
+    def all_norms(self) -> list[str]:
+        """Every T5 RMSNorm, in a fixed order (the bank's norm index)."""
+        return (
+            [f"layer_norm.{s}" for s in self.all_sites() if s.startswith("encoder")]
+            + ["layer_norm.encoder.final"]
+            + [f"layer_norm.{s}" for s in self.all_sites() if s.startswith("decoder")]
+            + ["layer_norm.decoder.final"]
+        )
+
+    def global_layer(self, site: str) -> int:
+        """AdapterHub's `leave_out` numbering: encoder 0..L-1, decoder L..L+Ld-1."""
+        stack, block, _ = site.split(".")
+        return int(block) + (self.num_layers if stack == "decoder" else 0)
+
+
+@dataclass(frozen=True)
+class DenseAdapter:
+    """One site's adapter as plain matrices: `A(z) = act(z @ down_w + down_b) @ up_w + up_b`.
+
+    Shapes: down_w [d, k], down_b [k], up_w [k, d], up_b [d]; `scaling` already folded into up_*.
+    """
+
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+
+
+class AdapterSpec(BaseModel):
+    """Options every method has. Subclasses add their own fields, shapes, init and dense form."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    placement: Placement
+    sites: tuple[SiteKind, ...] = Field(min_length=1)
+    reduction_factor: int = Field(ge=1)
+    activation: Activation
+    scaling: float = 1.0
+    leave_out: tuple[int, ...] = ()
+    layer_norms: bool = False
+
+    family: ClassVar[str]
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"sites repeat an entry: {list(v)}")
+        return v
+
+    def bottleneck(self, geometry: Geometry) -> int:
+        return geometry.d_model // self.reduction_factor
+
+    def check_geometry(self, geometry: Geometry) -> None:
+        """Raise InvalidSpec naming the field that does not fit this backbone."""
+        d = geometry.d_model
+        if d % self.reduction_factor:
+            raise InvalidSpec(f"reduction_factor {self.reduction_factor} does not divide d_model {d}")
+        total = geometry.num_layers + geometry.num_decoder_layers
+        bad = [i for i in self.leave_out if not 0 <= i < total]
+        if bad:
+            raise InvalidSpec(f"leave_out has layer indices outside 0..{total - 1}: {bad}")
+        if not self.active_sites(geometry):
+            raise InvalidSpec("sites and leave_out leave no site for this backbone")
+
+    def active_sites(self, geometry: Geometry) -> list[str]:
+        """The sites this adapter acts at, in the bank's order."""
+        return [
+            s
+            for s in geometry.all_sites()
+            if s.rsplit(".", 1)[1] in self.sites and geometry.global_layer(s) not in self.leave_out
+        ]
+
+    def tensor_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        """Every tensor a file of this spec holds, with its shape."""
+        shapes = self.shared_shapes(geometry)
+        for site in self.active_sites(geometry):
+            shapes.update({f"{site}.{k}": v for k, v in self.site_shapes(geometry).items()})
+        if self.layer_norms:
+            shapes.update({n: (geometry.d_model,) for n in geometry.all_norms()})
+        return shapes
+
+    def param_count(self, geometry: Geometry) -> int:
+        return sum(_numel(s) for s in self.tensor_shapes(geometry).values())
+
+    # Per-family parts.
+    def shared_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def site_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def init_site(self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The method's own initialization of one site's tensors (keys without the site prefix)."""
+        raise NotImplementedError
+
+    def init_shared(self, geometry: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {}
+
+    def dense(self, tensors: dict[str, torch.Tensor], site: str) -> DenseAdapter:
+        """Materialize `site`'s adapter from the file's tensors (full names)."""
+        raise NotImplementedError
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

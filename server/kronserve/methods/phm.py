@@ -1,0 +1,99 @@
+"""PHM family: Compacter, Compacter++ and PHM-Adapter (Zhang et al. 2021; Karimi Mahabadi et al. 2021).
+
+A PHM layer replaces a dense (in x out) weight by `H = Σ_i C_i ⊗ W_i` (torch.kron order) with rule
+`C` [n, n, n] and `W` [n, in/n, out/n]; `y = x @ H + b`. Compacter shares `C` across every PHM layer
+of the task and factorizes `W_i = W_left_i @ W_right_i` at rank r; PHM-Adapter keeps a rule per
+layer and a dense `W`. A factorized rule is `C = C_left @ C_right` with [n, n, 1] @ [n, 1, n].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import InvalidSpec
+from .base import AdapterSpec, DenseAdapter, Geometry
+
+PHM_RULE_STD = 0.01  # the paper's phm_init_range; W factors are glorot-uniform, biases zero
+
+
+def phm_matrix(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`Σ_i kron(rule[i], w[i])` without building n Kronecker products: [n,n,n], [n,P,Q] -> [nP, nQ]."""
+    n, p, q = w.shape
+    return torch.einsum("iac,ipq->apcq", rule, w).reshape(n * p, n * q)
+
+
+class PHMSpec(AdapterSpec):
+    family = "phm"
+
+    method: Literal["compacter", "compacter++", "phm"]
+    phm_dim: int = Field(ge=1)
+    rank: int | None = Field(default=1, ge=1, description="rank of W_i; None keeps W dense (PHM-Adapter)")
+    shared_rule: bool = True
+    factorized_rule: bool = False
+
+    def check_geometry(self, geometry: Geometry) -> None:
+        super().check_geometry(geometry)
+        n, k = self.phm_dim, self.bottleneck(geometry)
+        if geometry.d_model % n:
+            raise InvalidSpec(f"phm_dim {n} does not divide d_model {geometry.d_model}")
+        if k % n:
+            raise InvalidSpec(f"phm_dim {n} does not divide the bottleneck size {k} (d_model / reduction_factor)")
+
+    def _rule_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        n = self.phm_dim
+        if self.factorized_rule:
+            return {f"{prefix}phm_rule_left": (n, n, 1), f"{prefix}phm_rule_right": (n, 1, n)}
+        return {f"{prefix}phm_rule": (n, n, n)}
+
+    def shared_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        return self._rule_shapes("") if self.shared_rule else {}
+
+    def site_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        d, k, n = geometry.d_model, self.bottleneck(geometry), self.phm_dim
+        shapes: dict[str, tuple[int, ...]] = {}
+        for proj, (fan_in, fan_out) in (("down", (d, k)), ("up", (k, d))):
+            if self.rank is None:
+                shapes[f"{proj}.W"] = (n, fan_in // n, fan_out // n)
+            else:
+                shapes[f"{proj}.W_left"] = (n, fan_in // n, self.rank)
+                shapes[f"{proj}.W_right"] = (n, self.rank, fan_out // n)
+            shapes[f"{proj}.b"] = (fan_out,)
+            if not self.shared_rule:
+                shapes.update(self._rule_shapes(f"{proj}."))
+        return shapes
+
+    def init_shared(self, geometry: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {name: _init(name, shape, gen) for name, shape in self.shared_shapes(geometry).items()}
+
+    def init_site(self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return {name: _init(name, shape, gen) for name, shape in shapes.items()}
+
+    def dense(self, tensors: dict[str, torch.Tensor], site: str) -> DenseAdapter:
+        down_w, down_b = self._projection(tensors, site, "down")
+        up_w, up_b = self._projection(tensors, site, "up")
+        return DenseAdapter(down_w, down_b, up_w * self.scaling, up_b * self.scaling)
+
+    def _projection(self, t: dict[str, torch.Tensor], site: str, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        p = f"{site}.{proj}."
+        rule_prefix = "" if self.shared_rule else p
+        if self.factorized_rule:
+            rule = torch.bmm(t[f"{rule_prefix}phm_rule_left"], t[f"{rule_prefix}phm_rule_right"])
+        else:
+            rule = t[f"{rule_prefix}phm_rule"]
+        w = t[f"{p}W"] if self.rank is None else torch.bmm(t[f"{p}W_left"], t[f"{p}W_right"])
+        return phm_matrix(rule, w), t[f"{p}b"]
+
+
+def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Paper init: rule ~ N(0, 0.01), each W_i (or factor) glorot-uniform, bias zero."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "b":
+        return torch.zeros(shape)
+    if leaf.startswith("phm_rule"):
+        return torch.randn(shape, generator=gen) * PHM_RULE_STD
+    fan_in, fan_out = shape[1], shape[2]
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound

@@ -1,0 +1,122 @@
+"""The T5 wiring: adapter sites and routed layer norms installed once into a frozen T5.
+
+Every T5 sublayer computes `x + dropout(sublayer(layer_norm(x)))` (self-attention, cross-attention,
+feed-forward). kronserve swaps two of its children and leaves its `forward` alone, so the wiring
+does not depend on the transformers version's attention signature:
+- `dropout` becomes an `AdapterSite`, which returns `f + A(...)` for the batch's rows (x is captured
+  by a forward pre-hook on the sublayer, since Pfeiffer and parallel placement read the residual);
+- `layer_norm` (and each stack's `final_layer_norm`) becomes a `RoutedNorm` that applies per-row
+  norm weights when a task in the batch carries its own.
+With no plan active, or a plan of bare rows only, both return exactly what the originals return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import T5ForConditionalGeneration
+
+from .bank import BatchPlan
+from .methods import Geometry
+
+
+class SiteRouter:
+    """Hands the batch in flight's plan to every site; the only state the installed sites share."""
+
+    def __init__(self) -> None:
+        self._plan: BatchPlan | None = None
+
+    @property
+    def plan(self) -> BatchPlan | None:
+        return self._plan
+
+    @contextmanager
+    def activate(self, plan: BatchPlan) -> Iterator[None]:
+        if self._plan is not None:
+            raise RuntimeError("a batch plan is already active: forward passes must not overlap")
+        self._plan = plan
+        try:
+            yield
+        finally:
+            self._plan = None
+
+
+class AdapterSite(nn.Module):
+    def __init__(self, index: int, router: SiteRouter, dropout: nn.Module) -> None:
+        super().__init__()
+        self.index, self.router, self.dropout = index, router, dropout
+        self._residual: torch.Tensor | None = None
+
+    def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._residual = args[0] if args else kwargs["hidden_states"]
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = self.dropout(f)
+        x, self._residual = self._residual, None
+        plan = self.router.plan
+        if plan is None or not plan.active:
+            return f
+        return f + plan.delta(self.index, x, f)
+
+
+class RoutedNorm(nn.Module):
+    def __init__(self, index: int, router: SiteRouter, inner: nn.Module) -> None:
+        super().__init__()
+        self.index, self.router, self.inner = index, router, inner
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.router.plan
+        if plan is None or not plan.use_norms:
+            return self.inner(x)
+        # T5LayerNorm's arithmetic, with the weight gathered per row.
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.inner.variance_epsilon)
+        w = plan.norm_weight(self.index)  # [B, 1, d]
+        if w.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(w.dtype)
+        shape = x.shape
+        return (w * x.reshape(w.shape[0], -1, shape[-1])).reshape(shape)
+
+
+def sublayers(model: T5ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
+    """(site name, sublayer) in the bank's site order."""
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(model, stack_name)
+        kinds = ("mh", "ffn") if stack_name == "encoder" else ("mh", "cross", "ffn")
+        for i, block in enumerate(stack.block):
+            for kind, layer in zip(kinds, block.layer, strict=True):
+                yield f"{stack_name}.{i}.{kind}", layer
+
+
+def base_norms(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The backbone's own norm weights by kronserve norm name (what a bare row uses)."""
+    norms = {f"layer_norm.{name}": layer.layer_norm.weight for name, layer in sublayers(model)}
+    for stack in ("encoder", "decoder"):
+        norms[f"layer_norm.{stack}.final"] = getattr(model, stack).final_layer_norm.weight
+    return {k: v.detach() for k, v in norms.items()}
+
+
+def install_sites(model: T5ForConditionalGeneration, geometry: Geometry) -> SiteRouter:
+    """Install an AdapterSite and a RoutedNorm in every sublayer, once, at start-up."""
+    router = SiteRouter()
+    site_index = {s: i for i, s in enumerate(geometry.all_sites())}
+    norm_index = {n: i for i, n in enumerate(geometry.all_norms())}
+    for name, layer in sublayers(model):
+        if not (hasattr(layer, "dropout") and hasattr(layer, "layer_norm")):
+            raise RuntimeError(f"T5 sublayer {name} has no dropout/layer_norm: unsupported transformers layout")
+        site = AdapterSite(site_index[name], router, layer.dropout)
+        layer.dropout = site
+        layer.register_forward_pre_hook(site.capture, with_kwargs=True)
+        layer.layer_norm = RoutedNorm(norm_index[f"layer_norm.{name}"], router, layer.layer_norm)
+    for stack in ("encoder", "decoder"):
+        s = getattr(model, stack)
+        s.final_layer_norm = RoutedNorm(norm_index[f"layer_norm.{stack}.final"], router, s.final_layer_norm)
+    return router

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny T5 backbones of the real architecture, saved and loaded like a user's checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kronserve.backbone import Backbone, load_backbone, write_tiny_backbone
+from kronserve.engine import Engine
+from kronserve.formats.native import AdapterFile, dumps, loads
+from kronserve.methods import Geometry, init_tensors, preset
+from kronserve.t5_sites import base_norms
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same shape, other weights: adapters made for it must be refused by tiny_dir's server."""
+    return write_tiny_backbone(tmp_path_factory.mktemp("tiny_other"), "tiny", seed=1)
+
+
+@pytest.fixture
+def backbone(tiny_dir: Path) -> Backbone:
+    return load_backbone(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture
+def engine(backbone: Backbone) -> Engine:
+    return Engine(backbone)
+
+
+MakeAdapter = Callable[..., AdapterFile]
+
+
+def make_adapter(bb: Backbone, task: str, method: str, seed: int = 0, std: float | None = 0.3, **overrides) -> AdapterFile:
+    """A valid adapter for `bb`, round-tripped through the native format (as a user's file would be)."""
+    fp = bb.fingerprint
+    geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+    spec = preset(method, **overrides)
+    norms = {k: v.float() for k, v in base_norms(bb.model).items()}
+    tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
+    return loads(dumps(AdapterFile(task, spec, fp, tensors)), fp)
+
+
+@pytest.fixture
+def adapter_for(backbone: Backbone) -> MakeAdapter:
+    def make(task: str, method: str, seed: int = 0, std: float | None = 0.3, **overrides) -> AdapterFile:
+        return make_adapter(backbone, task, method, seed, std, **overrides)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

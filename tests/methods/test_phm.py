@@ -1,0 +1,104 @@
+"""PHM family: the Kronecker math against torch.kron, parameter counts against the paper, validation."""
+
+import pytest
+import torch
+
+from kronserve.errors import InvalidSpec
+from kronserve.methods import Geometry, init_tensors, parse_spec, preset
+from kronserve.methods.phm import phm_matrix
+
+T5_BASE = Geometry(d_model=768, num_layers=12, num_decoder_layers=12)
+
+
+def kron_sum(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return sum(torch.kron(rule[i], w[i]) for i in range(rule.shape[0]))
+
+
+def test_phm_matrix_is_the_sum_of_kronecker_products() -> None:
+    g = torch.Generator().manual_seed(1)
+    rule, w = torch.randn(4, 4, 4, generator=g, dtype=torch.float64), torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(phm_matrix(rule, w), kron_sum(rule, w), rtol=0, atol=1e-12)
+
+
+def test_factorized_einsum_of_design_md_matches_kron() -> None:
+    """DESIGN.md's serving identity: x @ Σ kron(C_i, s_i t_i) == einsum over the compact factors."""
+    g = torch.Generator().manual_seed(2)
+    n, d, k, r, b = 4, 16, 8, 2, 3
+    c = torch.randn(n, n, n, generator=g, dtype=torch.float64)
+    s = torch.randn(n, d // n, r, generator=g, dtype=torch.float64)
+    t = torch.randn(n, r, k // n, generator=g, dtype=torch.float64)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    via_factors = torch.einsum("iak,bap,ipr,irq->bkq", c, x.reshape(b, n, d // n), s, t).reshape(b, k)
+    torch.testing.assert_close(x @ phm_matrix(c, s @ t), via_factors, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("compacter", 114_112), ("compacter++", 57_088)],
+)
+def test_param_counts_match_the_paper_for_t5_base(method: str, params: int) -> None:
+    spec = preset(method, reduction_factor=32, phm_dim=4, rank=1)
+    assert spec.param_count(T5_BASE) == params
+    # The paper's trainable count adds the T5 layer norms it trains with the adapters: 62 x 768.
+    with_norms = preset(method, reduction_factor=32, phm_dim=4, rank=1, layer_norms=True)
+    assert with_norms.param_count(T5_BASE) - params == 47_616
+
+
+def test_compacter_per_adapter_count_is_2r_plus_1_times_d_plus_k() -> None:
+    spec = preset("compacter", reduction_factor=32, phm_dim=4, rank=3)
+    d, k = 768, 24
+    assert spec.param_count(T5_BASE) == 48 * (2 * 3 + 1) * (d + k) + 4**3
+
+
+def test_shared_rule_is_one_tensor_and_phm_adapter_has_one_per_layer() -> None:
+    shapes = preset("compacter").tensor_shapes(T5_BASE)
+    assert [n for n in shapes if "phm_rule" in n] == ["phm_rule"]
+    phm = preset("phm").tensor_shapes(T5_BASE)
+    assert len([n for n in phm if n.endswith("phm_rule")]) == 2 * 48
+    assert phm["encoder.0.mh.down.W"] == (4, 192, 6)
+
+
+def test_factorized_rule_materializes_as_left_times_right() -> None:
+    g = Geometry(64, 1, 1)
+    spec = preset("compacter", reduction_factor=4, factorized_rule=True)
+    t = init_tensors(spec, g, seed=3, std=0.5)
+    assert t["phm_rule_left"].shape == (4, 4, 1) and t["phm_rule_right"].shape == (4, 1, 4)
+    dense = spec.dense(t, "encoder.0.ffn")
+    rule = t["phm_rule_left"] @ t["phm_rule_right"]
+    expect = kron_sum(rule, t["encoder.0.ffn.down.W_left"] @ t["encoder.0.ffn.down.W_right"])
+    torch.testing.assert_close(dense.down_w, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_paper_init_scales() -> None:
+    g = Geometry(768, 2, 2)
+    t = init_tensors(preset("compacter"), g, seed=0)
+    assert t["phm_rule"].std().item() == pytest.approx(0.01, rel=0.3)
+    assert torch.count_nonzero(t["encoder.0.mh.down.b"]) == 0
+    w = t["encoder.0.mh.down.W_left"]  # glorot-uniform over (192, 1): bound sqrt(6/193)
+    assert w.abs().max().item() <= (6 / 193) ** 0.5 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"phm_dim": 5}, "phm_dim 5 does not divide d_model"),
+        ({"reduction_factor": 7}, "reduction_factor 7 does not divide"),
+        ({"reduction_factor": 64}, "does not divide the bottleneck size"),
+        ({"leave_out": (0, 99)}, "leave_out has layer indices outside"),
+    ],
+)
+def test_spec_errors_name_the_field(overrides: dict, needle: str) -> None:
+    with pytest.raises(InvalidSpec, match=needle):
+        preset("compacter", **overrides).check_geometry(Geometry(128, 2, 2))
+
+
+def test_parse_spec_names_bad_fields() -> None:
+    good = preset("compacter").model_dump()
+    with pytest.raises(InvalidSpec, match="activation"):
+        parse_spec({**good, "activation": "tanh"})
+    with pytest.raises(InvalidSpec, match="method"):
+        parse_spec({**good, "method": "prefix"})
+    with pytest.raises(InvalidSpec, match="bogus"):
+        parse_spec({**good, "bogus": 1})
+    with pytest.raises(InvalidSpec, match="sites"):
+        parse_spec({**good, "sites": ["ffn", "ffn"]})
