@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from transformers.activations import ACT2FN
+import torch.nn.functional as F
 
 from .errors import BankFull
 from .formats.native import AdapterFile
@@ -22,7 +22,12 @@ from .methods import Geometry
 from .routing import Route
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
-ACTIVATIONS: dict[str, Act] = {name: ACT2FN[name] for name in ("gelu", "gelu_new", "relu", "swish")}
+ACTIVATIONS: dict[str, Act] = {
+    "gelu": F.gelu,  # exact erf form
+    "gelu_new": lambda h: F.gelu(h, approximate="tanh"),  # HF's NewGELU formula, as one fused op
+    "relu": F.relu,
+    "swish": F.silu,
+}
 
 
 @dataclass
@@ -37,6 +42,7 @@ class _Stacks:
 @dataclass(frozen=True)
 class _RowInfo:
     k: int
+    sites: frozenset[int]
     activation: str
     placement: str
     has_norms: bool
@@ -76,8 +82,9 @@ class AdapterBank:
         spec, k = adapter.spec, adapter.spec.bottleneck(self.geometry)
         dense = {site: spec.dense(adapter.tensors, site) for site in spec.active_sites(self.geometry)}
         with self._lock:
-            self._grow(slot + 1, k)
-            st, row = self._stacks, slot + 1
+            row = slot + 1
+            self._grow(row + 1, k)
+            st = self._stacks
             self._clear_row(row)
             for site, a in dense.items():
                 i = self.site_index[site]
@@ -88,7 +95,8 @@ class AdapterBank:
             if spec.layer_norms:
                 for j, name in enumerate(self.norm_names):
                     st.norms[j, row] = adapter.tensors[name]
-            self._info[slot] = _RowInfo(k, spec.activation, spec.placement, spec.layer_norms)
+            sites = frozenset(self.site_index[s] for s in dense)
+            self._info[slot] = _RowInfo(k, sites, spec.activation, spec.placement, spec.layer_norms)
 
     def clear(self, slot: int) -> None:
         """Return `slot` to the bare backbone; the caller guarantees no batch in flight uses it."""
@@ -145,7 +153,7 @@ class BatchPlan:
         self._stacks = stacks
         self._rows = route.slots + 1  # bank row of each request
         present = [i for i in infos if i is not None]
-        self.active = bool(present)
+        self._sites = frozenset().union(*(i.sites for i in present))
         self.use_norms = any(i.has_norms for i in present)
         self._k = max((i.k for i in present), default=0)
         self._acts = self._groups([i.activation if i else None for i in infos], ACTIVATIONS)
@@ -160,6 +168,10 @@ class BatchPlan:
             return [(table[order[0]], None)]
         dev = self.route.slots.device
         return [(table[name], torch.tensor([n == name for n in names], device=dev).view(-1, 1, 1)) for name in order]
+
+    def acts_at(self, site: int) -> bool:
+        """Whether any row of the batch has an adapter at `site` (else the site adds nothing)."""
+        return site in self._sites
 
     def delta(self, site: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The adapter output to add at `site`, for residual `x` and sublayer output `f` ([R, T, d])."""

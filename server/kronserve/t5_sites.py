@@ -58,7 +58,7 @@ class AdapterSite(nn.Module):
         f = self.dropout(f)
         x, self._residual = self._residual, None
         plan = self.router.plan
-        if plan is None or not plan.active:
+        if plan is None or not plan.acts_at(self.index):
             return f
         return f + plan.delta(self.index, x, f)
 
