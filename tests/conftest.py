@@ -39,7 +39,9 @@ def engine(backbone: Backbone) -> Engine:
 MakeAdapter = Callable[..., AdapterFile]
 
 
-def make_adapter(bb: Backbone, task: str, method: str, seed: int = 0, std: float | None = 0.3, **overrides) -> AdapterFile:
+def make_adapter(
+    bb: Backbone, task: str, method: str, seed: int = 0, std: float | None = 0.3, **overrides
+) -> AdapterFile:
     """A valid adapter for `bb`, round-tripped through the native format (as a user's file would be)."""
     fp = bb.fingerprint
     geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)

@@ -84,7 +84,7 @@ def test_zero_up_projection_leaves_the_backbone_bit_identical(engine: Engine, ad
     bare = load_backbone(str(tiny_dir), device="cpu")  # no sites installed at all
     tok = bare.tokenizer
     tasks = ["zero0", "zero1", None, "zero2", "zero3"]
-    inputs = INPUTS + ["another input"]
+    inputs = [*INPUTS, "another input"]
     enc = tok(inputs[:5], return_tensors="pt", padding=True)
     dec = torch.zeros(5, 1, dtype=torch.long)
     with torch.no_grad():

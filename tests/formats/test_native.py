@@ -41,9 +41,9 @@ def test_wrong_shape_names_the_tensor(good: AdapterFile, backbone) -> None:
 
 def test_missing_and_extra_tensors(good: AdapterFile, backbone) -> None:
     missing = {k: v for k, v in good.tensors.items() if k != "phm_rule"}
-    with pytest.raises(InvalidAdapter, match="missing tensors.*phm_rule"):
+    with pytest.raises(InvalidAdapter, match=r"missing tensors.*phm_rule"):
         loads(rewrite(good, missing), backbone.fingerprint)
-    with pytest.raises(InvalidAdapter, match="unexpected tensors.*encoder.0.mh.lora_A"):
+    with pytest.raises(InvalidAdapter, match=r"unexpected tensors.*encoder.0.mh.lora_A"):
         loads(rewrite(good, dict(good.tensors, **{"encoder.0.mh.lora_A": torch.zeros(2)})), backbone.fingerprint)
 
 
@@ -52,13 +52,13 @@ def test_non_finite_values_name_the_tensor(good: AdapterFile, backbone, bad: flo
     t = dict(good.tensors)
     t["decoder.1.ffn.up.W_left"] = t["decoder.1.ffn.up.W_left"].clone()
     t["decoder.1.ffn.up.W_left"][0, 0, 0] = bad
-    with pytest.raises(InvalidAdapter, match="'decoder.1.ffn.up.W_left' holds NaN or Inf"):
+    with pytest.raises(InvalidAdapter, match=r"'decoder.1.ffn.up.W_left' holds NaN or Inf"):
         loads(rewrite(good, t), backbone.fingerprint)
 
 
 def test_integer_dtype_is_refused(good: AdapterFile, backbone) -> None:
     t = dict(good.tensors, phm_rule=torch.zeros(4, 4, 4, dtype=torch.int32))
-    with pytest.raises(InvalidAdapter, match="'phm_rule' has dtype torch.int32"):
+    with pytest.raises(InvalidAdapter, match=r"'phm_rule' has dtype torch.int32"):
         loads(rewrite(good, t), backbone.fingerprint)
 
 

@@ -16,7 +16,10 @@ def kron_sum(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def test_phm_matrix_is_the_sum_of_kronecker_products() -> None:
     g = torch.Generator().manual_seed(1)
-    rule, w = torch.randn(4, 4, 4, generator=g, dtype=torch.float64), torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    rule, w = (
+        torch.randn(4, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, 3, generator=g, dtype=torch.float64),
+    )
     torch.testing.assert_close(phm_matrix(rule, w), kron_sum(rule, w), rtol=0, atol=1e-12)
 
 
