@@ -159,3 +159,29 @@ def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 
     model.save_pretrained(out)
     ByT5Tokenizer().save_pretrained(out)
     return out
+
+
+DEFAULT_HUB_ID = "google-t5/t5-small"
+
+
+def default_backbone(cache_dir: Path, probe_timeout_s: float = 2.0) -> str:
+    """`t5-small` when it is cached or the hub answers; else an offline demo backbone built on the spot."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "config.json"), str):
+        return DEFAULT_HUB_ID
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=probe_timeout_s).close()
+            return DEFAULT_HUB_ID
+        except OSError:
+            pass
+    demo = Path(cache_dir) / "demo-backbone-t5-small-seed0"
+    if not (demo / "config.json").is_file():
+        write_tiny_backbone(demo, "t5-small", seed=0)
+    return str(demo)

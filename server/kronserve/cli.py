@@ -35,6 +35,30 @@ def backbone_tiny(
     typer.echo(str(out_dir))
 
 
+@app.command()
+def serve(
+    backbone: Annotated[str | None, typer.Option(help="hub id or directory [env KRONSERVE_BACKBONE]")] = None,
+    store: Annotated[Path | None, typer.Option(help="adapter store directory [env KRONSERVE_STORE]")] = None,
+    host: Annotated[str | None, typer.Option(help="[env KRONSERVE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="[env KRONSERVE_PORT]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [env KRONSERVE_DEVICE]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 [env KRONSERVE_DTYPE]")] = None,
+    max_batch_rows: Annotated[int | None, typer.Option(help="[env KRONSERVE_MAX_BATCH_ROWS]")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="[env KRONSERVE_MAX_BATCH_TOKENS]")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="[env KRONSERVE_BATCH_WAIT_MS]")] = None,
+    queue_size: Annotated[int | None, typer.Option(help="[env KRONSERVE_QUEUE_SIZE]")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="[env KRONSERVE_REQUEST_TIMEOUT_S]")] = None,
+    max_upload_bytes: Annotated[int | None, typer.Option(help="[env KRONSERVE_MAX_UPLOAD_BYTES]")] = None,
+    admin_token: Annotated[str | None, typer.Option(help="[env KRONSERVE_ADMIN_TOKEN]")] = None,
+) -> None:
+    """Start the HTTP service. Every option can also come from its KRONSERVE_* environment variable."""
+    from .api.app import serve as run
+    from .config import Settings
+
+    given = {k: v for k, v in locals().items() if v is not None and k != "run" and k != "Settings"}
+    run(Settings(**given))
+
+
 @adapter_app.command("init")
 def adapter_init(
     out: Path,

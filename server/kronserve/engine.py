@@ -18,8 +18,10 @@ from .bank import AdapterBank
 from .errors import InvalidRequest
 from .formats.native import AdapterFile
 from .methods import Geometry
+from .metrics import Metrics
 from .registry import Entry, Registry
 from .routing import Route
+from .store import AdapterStore
 from .t5_sites import base_norms, install_sites
 
 
@@ -37,15 +39,25 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, max_input_tokens: int = 512, bank_capacity: int = 8) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: AdapterStore | None = None,
+        metrics: Metrics | None = None,
+        max_input_tokens: int = 512,
+        bank_capacity: int = 8,
+        max_adapters: int = 4096,
+    ) -> None:
         fp = backbone.fingerprint
         self.backbone = backbone
         self.geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
         self.max_input_tokens = max_input_tokens
         model = backbone.model
-        self.bank = AdapterBank(self.geometry, base_norms(model), backbone.device, backbone.dtype, bank_capacity)
+        self.bank = AdapterBank(
+            self.geometry, base_norms(model), backbone.device, backbone.dtype, bank_capacity, max_adapters
+        )
         self.router = install_sites(model, self.geometry)
-        self.registry = Registry(self.bank)
+        self.registry = Registry(self.bank, fp, store, metrics)
         self._forward_lock = threading.Lock()
 
     def load(self, adapter: AdapterFile, version: int = 1, sha256: str = "") -> Entry:
@@ -63,35 +75,49 @@ class Engine:
     ) -> Generated:
         """Greedy (num_beams=1) or beam-search outputs, one per row, each through its task's adapter."""
         _same_length(tasks, inputs, "inputs")
-        tok = self.backbone.tokenizer
         with self.registry.lease(tasks) as entries:
-            enc = self._encode(inputs)
-            with self._routed(entries):
-                out = self.backbone.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens,
-                    num_beams=num_beams,
-                    do_sample=False,
-                )
+            return self.generate_leased(entries, inputs, max_new_tokens, num_beams, min_new_tokens)
+
+    def generate_leased(
+        self,
+        entries: Sequence[Entry | None],
+        inputs: Sequence[str],
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+    ) -> Generated:
+        """`generate` for rows whose entries the caller already leased from the registry."""
+        tok = self.backbone.tokenizer
+        enc = self._encode(inputs)
+        with self._routed(entries):
+            out = self.backbone.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+            )
         ids = [row[row != tok.pad_token_id].tolist() for row in out]
-        return Generated(tok.batch_decode(out, skip_special_tokens=True), ids, entries)
+        return Generated(tok.batch_decode(out, skip_special_tokens=True), ids, list(entries))
 
     def score(self, tasks: Sequence[str | None], inputs: Sequence[str], targets: Sequence[str]) -> Scored:
         """Sum of natural-log probabilities of each target's tokens (its EOS included) given its input."""
         _same_length(tasks, inputs, "inputs")
         _same_length(tasks, targets, "targets")
         with self.registry.lease(tasks) as entries:
-            enc = self._encode(inputs)
-            lab = self._encode(targets)
-            labels, mask = lab["input_ids"], lab["attention_mask"].bool()
-            start = torch.full_like(labels[:, :1], self.backbone.model.config.decoder_start_token_id)
-            decoder_input_ids = torch.cat([start, labels[:, :-1]], dim=1)
-            with self._routed(entries):
-                logits = self.backbone.model(**enc, decoder_input_ids=decoder_input_ids).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            scores = (logp * mask).sum(-1)
-        return Scored(scores.tolist(), entries)
+            return self.score_leased(entries, inputs, targets)
+
+    def score_leased(self, entries: Sequence[Entry | None], inputs: Sequence[str], targets: Sequence[str]) -> Scored:
+        """`score` for rows whose entries the caller already leased from the registry."""
+        enc = self._encode(inputs)
+        lab = self._encode(targets)
+        labels, mask = lab["input_ids"], lab["attention_mask"].bool()
+        start = torch.full_like(labels[:, :1], self.backbone.model.config.decoder_start_token_id)
+        decoder_input_ids = torch.cat([start, labels[:, :-1]], dim=1)
+        with self._routed(entries):
+            logits = self.backbone.model(**enc, decoder_input_ids=decoder_input_ids).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return Scored((logp * mask).sum(-1).tolist(), list(entries))
 
     def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.backbone.tokenizer(

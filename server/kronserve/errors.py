@@ -13,6 +13,12 @@ class InvalidAdapter(KronserveError):
     code = "invalid_adapter"
 
 
+class UnsupportedFormat(InvalidAdapter):
+    """Bytes that are not an adapter format kronserve reads (a pickle, a zip, text...)."""
+
+    code = "unsupported_format"
+
+
 class InvalidSpec(InvalidAdapter):
     code = "invalid_spec"
 
@@ -28,8 +34,42 @@ class UnknownTask(KronserveError):
 
 
 class InvalidRequest(KronserveError):
+    """The request is well-formed but its contents are not acceptable (422)."""
+
     code = "invalid_request"
+
+
+class BadRequest(KronserveError):
+    """The request cannot be read at all: malformed JSON, no file part (400)."""
+
+    code = "bad_request"
 
 
 class BankFull(KronserveError):
     code = "bank_full"
+
+
+class Overloaded(KronserveError):
+    """The queue is full or the server is draining; the client should retry later."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(Overloaded):
+    code = "not_ready"
+
+
+class RequestTimeout(Overloaded):
+    code = "timeout"
+
+
+class Unauthorized(KronserveError):
+    code = "unauthorized"
+
+
+class PayloadTooLarge(KronserveError):
+    code = "payload_too_large"

@@ -1,23 +1,33 @@
 """Task id -> active version -> bank slot; the only place that decides when a slot is free.
 
-A swap is one dict assignment under a lock: a batch leases the entries it resolved, so it finishes
-on the versions it started with, and a replaced or deleted version's slot is cleared only once its
-last lease ends. Reads never see a half-loaded adapter: the new slot is filled before the swap.
+Upload = validate -> write the version file (not active yet) -> load it into a fresh slot -> move
+the store's ACTIVE pointer -> swap the task's entry (one assignment under a lock). A failure at any
+step undoes the earlier ones, so the old version keeps serving and no file is left behind. A batch
+leases the entries it resolved, so it finishes on the versions it started with; a replaced or
+deleted version's slot is cleared only when its last lease ends.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .backbone import Fingerprint
 from .bank import AdapterBank
-from .errors import BankFull, UnknownTask
+from .errors import BankFull, KronserveError, UnknownTask
+from .formats import native
 from .formats.native import AdapterFile
 from .methods import AdapterSpec
+from .metrics import Metrics
 from .routing import BARE
+from .store import AdapterStore, check_task_id, sha256_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,41 +41,36 @@ class Entry:
     spec: AdapterSpec
     params: int
 
+    def describe(self) -> dict[str, object]:
+        return {
+            "task": self.task,
+            "version": self.version,
+            "method": self.spec.method,
+            "params": self.params,
+            "sha256": self.sha256,
+            "spec": self.spec.model_dump(),
+        }
+
 
 class Registry:
-    def __init__(self, bank: AdapterBank) -> None:
-        self.bank = bank
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        bank: AdapterBank,
+        fingerprint: Fingerprint,
+        store: AdapterStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.bank, self.fingerprint, self.store = bank, fingerprint, store
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Lock()  # guards the maps below; held only briefly
+        self._mutate = threading.Lock()  # serializes uploads, deletes and refreshes
         self._active: dict[str, Entry] = {}
         self._refs: Counter[int] = Counter()
         self._retired: set[int] = set()
         self._free: list[int] = []
         self._next_slot = 0
 
-    def install(self, adapter: AdapterFile, version: int, sha256: str) -> Entry:
-        """Load `adapter` into a fresh slot, then make it the task's active version atomically."""
-        slot = self._allocate()
-        try:
-            self.bank.write(slot, adapter)
-        except BaseException:
-            self._release(slot)
-            raise
-        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, adapter.spec.param_count(adapter.geometry))
-        with self._lock:
-            old = self._active.get(adapter.task)
-            self._active[adapter.task] = entry
-            if old is not None:
-                self._retire(old.slot)
-        return entry
-
-    def remove(self, task: str) -> Entry:
-        with self._lock:
-            entry = self._active.pop(task, None)
-            if entry is None:
-                raise UnknownTask(f"unknown task {task!r}")
-            self._retire(entry.slot)
-        return entry
-
+    # ---- reads -------------------------------------------------------------------------------
     def get(self, task: str) -> Entry:
         entry = self._active.get(task)
         if entry is None:
@@ -75,21 +80,19 @@ class Registry:
     def entries(self) -> list[Entry]:
         return sorted(self._active.values(), key=lambda e: e.task)
 
-    def resident(self) -> int:
-        """Slots holding weights: active versions plus retired ones still in use by a batch."""
-        return self.bank.loaded()
-
     @contextmanager
-    def lease(self, tasks: Sequence[str | None]) -> Iterator[list[Entry | None]]:
-        """Resolve every task (None = bare backbone) before the batch runs; hold their slots until it ends.
+    def lease(self, tasks: Sequence[str | None], strict: bool = True) -> Iterator[list[Entry | None]]:
+        """Resolve every task (None = bare backbone) and hold their slots until the batch ends.
 
-        Raises UnknownTask naming the first unknown task; nothing is leased then.
+        strict: an unknown task raises UnknownTask and nothing is leased; otherwise its entry is
+        None and the caller fails that row alone (the scheduler: one bad request never fails a batch).
         """
         with self._lock:
             entries = [None if t is None else self._active.get(t) for t in tasks]
-            for t, e in zip(tasks, entries, strict=True):
-                if t is not None and e is None:
-                    raise UnknownTask(f"unknown task {t!r}")
+            if strict:
+                for t, e in zip(tasks, entries, strict=True):
+                    if t is not None and e is None:
+                        raise UnknownTask(f"unknown task {t!r}")
             slots = [e.slot for e in entries if e is not None]
             self._refs.update(slots)
         try:
@@ -103,11 +106,115 @@ class Registry:
                         if s in self._retired:
                             self._retired.discard(s)
                             self._free_slot(s)
+            self._update_gauges()
 
     @staticmethod
     def slots_of(entries: Sequence[Entry | None]) -> list[int]:
         return [BARE if e is None else e.slot for e in entries]
 
+    # ---- writes ------------------------------------------------------------------------------
+    def install(self, adapter: AdapterFile, version: int, sha256: str) -> Entry:
+        """Load a validated adapter into a fresh slot and make it the task's active version."""
+        slot = self._allocate()
+        try:
+            self.bank.write(slot, adapter)
+        except BaseException:
+            self._release(slot)
+            raise
+        return self._swap(adapter, version, sha256, slot)
+
+    def upload(self, task: str, data: bytes) -> Entry:
+        """Validate, persist and serve `data` as `task`'s new version; on any failure nothing changes."""
+        check_task_id(task)
+        started = time.perf_counter()
+        try:
+            adapter = native.loads(data, self.fingerprint)
+            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            with self._mutate:
+                entry = self._persist_and_install(adapter, data)
+        except KronserveError as e:
+            self.metrics.adapter_load_failures.labels("upload", e.code).inc()
+            raise
+        self.metrics.adapter_loads.labels("upload").inc()
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return entry
+
+    def delete(self, task: str) -> Entry:
+        check_task_id(task)
+        with self._mutate:
+            entry = self.get(task)
+            if self.store is not None:
+                self.store.delete(task)
+            with self._lock:
+                del self._active[task]
+                self._retire(entry.slot)
+        self._update_gauges()
+        return entry
+
+    def load_store(self) -> list[str]:
+        """Serve every active version in the store; a bad one is logged, counted and skipped."""
+        loaded = []
+        for task in self.store.tasks() if self.store else []:
+            try:
+                self.refresh(task)
+                loaded.append(task)
+            except KronserveError as e:
+                self.metrics.adapter_load_failures.labels("store", e.code).inc()
+                log.error("store: skipping task %r: %s", task, e)
+        return loaded
+
+    def refresh(self, task: str) -> Entry | None:
+        """Make the served version of `task` the store's active one (also one uploaded elsewhere)."""
+        assert self.store is not None
+        with self._mutate:
+            ref = self.store.active(task)
+            current = self._active.get(task)
+            if ref is None:
+                if current is not None:
+                    with self._lock:
+                        del self._active[task]
+                        self._retire(current.slot)
+                return None
+            if current is not None and (current.version, current.sha256) == (ref.version, ref.sha256):
+                return current
+            started = time.perf_counter()
+            adapter = native.loads(self.store.read(ref), self.fingerprint)
+            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            entry = self.install(adapter, ref.version, ref.sha256)
+        self.metrics.adapter_loads.labels("store").inc()
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return entry
+
+    def _persist_and_install(self, adapter: AdapterFile, data: bytes) -> Entry:
+        if self.store is None:
+            current = self._active.get(adapter.task)
+            return self.install(adapter, (current.version if current else 0) + 1, sha256_of(data))
+        ref = self.store.write(adapter.task, data)
+        try:
+            slot = self._allocate()
+            try:
+                self.bank.write(slot, adapter)
+                self.store.activate(ref)
+            except BaseException:
+                self._release(slot)
+                raise
+        except BaseException:
+            self.store.discard(ref)
+            raise
+        return self._swap(adapter, ref.version, ref.sha256, slot)
+
+    def _swap(self, adapter: AdapterFile, version: int, sha256: str, slot: int) -> Entry:
+        params = adapter.spec.param_count(adapter.geometry)
+        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params)
+        with self._lock:
+            old = self._active.get(adapter.task)
+            self._active[adapter.task] = entry
+            if old is not None:
+                self._retire(old.slot)
+        self._update_gauges()
+        return entry
+
+    # ---- slots -------------------------------------------------------------------------------
     def _allocate(self) -> int:
         with self._lock:
             if self._free:
@@ -131,3 +238,7 @@ class Registry:
     def _free_slot(self, slot: int) -> None:
         self.bank.clear(slot)
         self._free.append(slot)
+
+    def _update_gauges(self) -> None:
+        self.metrics.adapters_active.set(len(self._active))
+        self.metrics.adapters_resident.set(self.bank.loaded())

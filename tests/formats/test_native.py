@@ -89,11 +89,13 @@ def test_other_backbone_is_refused(adapter_for, other_tiny_dir, backbone) -> Non
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        (b"", "shorter than the 8-byte header"),
+        (b"", "empty file"),
+        (b"\x80\x04\x95" + b"\0" * 40, "not a safetensors file"),
+        (b"PK\x03\x04" + b"\0" * 40, "not a safetensors file"),
+        (b"hello, this is a text file", "not a safetensors file"),
         (struct.pack("<Q", 10**6) + b"{}", "exceeds the file"),
-        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not JSON"),
+        (struct.pack("<Q", 4) + b"{\xff\xfe}", "not JSON"),
         (struct.pack("<Q", 2) + b"{}", "no __metadata__"),
-        (b"PK\x03\x04" + b"\0" * 40, "exceeds the file"),
     ],
 )
 def test_not_safetensors(data: bytes, needle: str) -> None:

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from ..backbone import Fingerprint
-from ..errors import InvalidAdapter, InvalidSpec
+from ..errors import InvalidAdapter, InvalidSpec, UnsupportedFormat
 from ..methods import AdapterSpec, Geometry, parse_spec
 
 FORMAT = "kronserve-adapter"
@@ -78,8 +78,10 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
 
 def read_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's `__metadata__`, checked to be a kronserve file of a known version."""
-    if len(data) < 8:
-        raise InvalidAdapter(f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length")
+    if not data:
+        raise InvalidAdapter("empty file")
+    if len(data) < 9 or data[8:9] != b"{":
+        raise UnsupportedFormat("not a safetensors file: it does not start with a length and a JSON header")
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER or 8 + n > len(data):
         raise InvalidAdapter(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")

@@ -1,0 +1,278 @@
+"""Sync and async clients for the kronserve REST API.
+
+Both clients share one description of every endpoint (`_Call`: what to send, how to read the reply); each class only
+supplies the transport step, so the two cannot drift apart in what they send or how they parse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Self, TypeAlias, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from .errors import InvalidResponse, error_from_response
+from .models import AdapterInfo, PredictResult, ScoreResult
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncKronserveClient", "FileSpec", "KronserveClient"]
+
+DEFAULT_TIMEOUT = 60.0
+_USER_AGENT = "kronserve-client/0.1"
+
+FileSpec: TypeAlias = str | os.PathLike[str] | tuple[str, bytes]
+"""One adapter file to upload: a path on disk, or (filename, content) for bytes already in memory."""
+
+T = TypeVar("T")
+_MultipartFiles: TypeAlias = list[tuple[str, tuple[str, bytes, str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    """One request and the reading of its reply, independent of whether it is sent sync or async."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    files: _MultipartFiles | None = None
+    accept: frozenset[int] = frozenset()  # non-2xx statuses that are an answer (handed to `parse`), not an error
+
+    def finish(self, response: httpx.Response) -> T:
+        if not (response.is_success or response.status_code in self.accept):
+            raise error_from_response(response)
+        try:
+            return self.parse(response)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidResponse(
+                response.status_code, "invalid_response", f"{self.method} {self.path}: unexpected reply body: {exc}"
+            ) from exc
+
+
+def _task_path(task: str) -> str:
+    # A task id is one path segment; quote everything so a stray '/' or '?' cannot reach another route.
+    return "/v1/adapters/" + quote(task, safe="")
+
+
+def _texts(values: Sequence[str], what: str) -> list[str]:
+    # A lone str is a Sequence[str] too; sending it would silently predict on each of its characters.
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a sequence of strings, not a single str")
+    return list(values)
+
+
+def _read_file(spec: FileSpec) -> tuple[str, tuple[str, bytes, str]]:
+    if isinstance(spec, tuple):
+        name, content = spec
+    else:
+        path = Path(spec)
+        name, content = path.name, path.read_bytes()
+    return "file", (name, content, "application/octet-stream")
+
+
+def _body(response: httpx.Response) -> Any:
+    return response.json()
+
+
+def _predict(task: str, inputs: Sequence[str], max_new_tokens: int, num_beams: int) -> _Call[PredictResult]:
+    body = {"task": task, "inputs": _texts(inputs, "inputs"), "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    return _Call("POST", "/v1/predict", lambda r: PredictResult.from_json(_body(r)), json=body)
+
+
+def _score(task: str, inputs: Sequence[str], targets: Sequence[str]) -> _Call[ScoreResult]:
+    body = {"task": task, "inputs": _texts(inputs, "inputs"), "targets": _texts(targets, "targets")}
+    return _Call("POST", "/v1/score", lambda r: ScoreResult.from_json(_body(r)), json=body)
+
+
+def _upload(task: str, files: Sequence[FileSpec]) -> _Call[AdapterInfo]:
+    if isinstance(files, str | os.PathLike):
+        raise TypeError("files must be a sequence of paths or (filename, bytes) tuples, not a single path")
+    if not files:
+        raise ValueError("upload needs at least one file")
+    parts = [_read_file(f) for f in files]
+    return _Call("PUT", _task_path(task), lambda r: AdapterInfo.from_json(_body(r)), files=parts)
+
+
+def _parse_adapter_list(response: httpx.Response) -> list[AdapterInfo]:
+    body = _body(response)
+    if not isinstance(body, list):
+        raise TypeError(f"expected a JSON list, got {type(body).__name__}")
+    return [AdapterInfo.from_json(item) for item in body]
+
+
+def _list_adapters() -> _Call[list[AdapterInfo]]:
+    return _Call("GET", "/v1/adapters", _parse_adapter_list)
+
+
+def _get_adapter(task: str) -> _Call[AdapterInfo]:
+    return _Call("GET", _task_path(task), lambda r: AdapterInfo.from_json(_body(r)))
+
+
+def _delete_adapter(task: str) -> _Call[None]:
+    return _Call("DELETE", _task_path(task), lambda r: None)
+
+
+def _probe(path: str) -> _Call[bool]:
+    # 503 is the probe's "no" (e.g. still loading the backbone); anything else non-2xx is a real error.
+    return _Call("GET", path, lambda r: r.is_success, accept=frozenset({503}))
+
+
+def _metrics() -> _Call[str]:
+    return _Call("GET", "/metrics", lambda r: r.text)
+
+
+def _client_options(base_url: str, token: str | None, timeout: float) -> dict[str, Any]:
+    headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return {"base_url": base_url, "headers": headers, "timeout": httpx.Timeout(timeout)}
+
+
+class KronserveClient:
+    """Blocking client; one instance keeps a connection pool, so reuse it and close it (or use `with`).
+
+    `token` is sent as a bearer token on every request when given; the server needs it for upload and delete.
+    Non-success replies raise a `KronserveClientError` subclass; transport failures raise httpx's own errors.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(transport=transport, **_client_options(base_url, token, timeout))
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def _run(self, call: _Call[T]) -> T:
+        return call.finish(self._http.request(call.method, call.path, json=call.json, files=call.files))
+
+    def predict(self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1) -> PredictResult:
+        """Generate one output per input with the task's current adapter (the server allows 1..64 inputs)."""
+        return self._run(_predict(task, inputs, max_new_tokens, num_beams))
+
+    def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
+        """Score each target given its input (paired by position, so both must have the same length)."""
+        return self._run(_score(task, inputs, targets))
+
+    def upload(self, task: str, files: Sequence[FileSpec]) -> AdapterInfo:
+        """Install the adapter in `files` as the task's next version; it serves as soon as this returns.
+
+        Path files are read fully into memory before sending: adapters are small, and this keeps retries simple.
+        """
+        return self._run(_upload(task, files))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Every adapter the server currently serves."""
+        return self._run(_list_adapters())
+
+    def get_adapter(self, task: str) -> AdapterInfo:
+        """The task's current adapter; raises NotFound when the task has none."""
+        return self._run(_get_adapter(task))
+
+    def delete_adapter(self, task: str) -> None:
+        """Stop serving the task; raises NotFound when the task has no adapter."""
+        self._run(_delete_adapter(task))
+
+    def healthz(self) -> bool:
+        """Liveness: False when the server answers 503; connection failures raise rather than read as False."""
+        return self._run(_probe("/healthz"))
+
+    def readyz(self) -> bool:
+        """Readiness (can it serve requests now): False on 503; connection failures raise."""
+        return self._run(_probe("/readyz"))
+
+    def metrics(self) -> str:
+        """The Prometheus exposition text, unparsed."""
+        return self._run(_metrics())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncKronserveClient:
+    """Asyncio twin of `KronserveClient`: same methods, same contracts, awaited.
+
+    `upload` reads path files synchronously while building the request; adapter files are small enough for that.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(transport=transport, **_client_options(base_url, token, timeout))
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    async def _run(self, call: _Call[T]) -> T:
+        return call.finish(await self._http.request(call.method, call.path, json=call.json, files=call.files))
+
+    async def predict(
+        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1
+    ) -> PredictResult:
+        """See `KronserveClient.predict`."""
+        return await self._run(_predict(task, inputs, max_new_tokens, num_beams))
+
+    async def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
+        """See `KronserveClient.score`."""
+        return await self._run(_score(task, inputs, targets))
+
+    async def upload(self, task: str, files: Sequence[FileSpec]) -> AdapterInfo:
+        """See `KronserveClient.upload`."""
+        return await self._run(_upload(task, files))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        """See `KronserveClient.list_adapters`."""
+        return await self._run(_list_adapters())
+
+    async def get_adapter(self, task: str) -> AdapterInfo:
+        """See `KronserveClient.get_adapter`."""
+        return await self._run(_get_adapter(task))
+
+    async def delete_adapter(self, task: str) -> None:
+        """See `KronserveClient.delete_adapter`."""
+        await self._run(_delete_adapter(task))
+
+    async def healthz(self) -> bool:
+        """See `KronserveClient.healthz`."""
+        return await self._run(_probe("/healthz"))
+
+    async def readyz(self) -> bool:
+        """See `KronserveClient.readyz`."""
+        return await self._run(_probe("/readyz"))
+
+    async def metrics(self) -> str:
+        """See `KronserveClient.metrics`."""
+        return await self._run(_metrics())
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

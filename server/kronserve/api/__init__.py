@@ -1,0 +1,1 @@
+"""The HTTP layer: schemas, routes, error mapping. No model code here."""

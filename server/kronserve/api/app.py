@@ -1,0 +1,81 @@
+"""The app factory: one Service per app, built from Settings, started in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+
+from .. import __version__
+from ..config import Settings
+from ..service import Service
+from .errors import endpoint_of, install_error_handlers
+from .routes import router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers while the backbone loads; /readyz waits for it.
+        starting = asyncio.create_task(service.start())
+        try:
+            yield
+        finally:
+            if not starting.done():
+                starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            await service.stop()
+
+    app = FastAPI(
+        title="kronserve",
+        version=__version__,
+        description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        endpoint = endpoint_of(request)
+        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the app under uvicorn; SIGTERM flips readiness at once, then drains accepted work."""
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    service: Service = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            service.begin_drain()
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    DrainingServer(config).run()

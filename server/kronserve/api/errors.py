@@ -1,0 +1,86 @@
+"""The one place kronserve errors become HTTP: `{"error": {"code", "message"}}` with the right status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    BadRequest,
+    BankFull,
+    InvalidAdapter,
+    InvalidRequest,
+    KronserveError,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnknownTask,
+    UnsupportedFormat,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first.
+STATUS: list[tuple[type[KronserveError], int]] = [
+    (BadRequest, 400),
+    (Unauthorized, 401),
+    (UnknownTask, 404),
+    (PayloadTooLarge, 413),
+    (UnsupportedFormat, 415),
+    (InvalidAdapter, 422),
+    (InvalidRequest, 422),
+    (Overloaded, 503),
+    (BankFull, 503),
+]
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_format"}
+
+
+def status_of(error: KronserveError) -> int:
+    return next((status for cls, status in STATUS if isinstance(error, cls)), 500)
+
+
+def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    service = getattr(request.app.state, "service", None)
+    if service is not None:
+        service.metrics.failures.labels(endpoint_of(request), code).inc()
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def endpoint_of(request: Request) -> str:
+    """The route template (`/v1/adapters/{task}`), so metric labels stay bounded."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(KronserveError)
+    async def _kronserve(request: Request, exc: KronserveError) -> JSONResponse:
+        status = status_of(exc)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
+        if status == 500:
+            log.error("internal error on %s: %s", request.url.path, exc)
+        return error_response(request, status, exc.code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(request, 400, "malformed_json", "request body is not valid JSON")
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
+        return error_response(request, 422, "validation_error", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, 500, "internal", "internal server error")

@@ -1,0 +1,58 @@
+"""Request and response bodies of API v1 (the public contract; see README)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ..config import TASK_ID_PATTERN
+
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Strict):
+    task: TaskId
+    inputs: list[str] = Field(min_length=1, max_length=64)
+    max_new_tokens: int = Field(default=32, ge=1)
+    num_beams: int = Field(default=1, ge=1)
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: int
+    outputs: list[str]
+
+
+class ScoreRequest(_Strict):
+    task: TaskId
+    inputs: list[str] = Field(min_length=1, max_length=64)
+    targets: list[str] = Field(min_length=1, max_length=64)
+
+
+class ScoreResponse(BaseModel):
+    task: str
+    version: int
+    scores: list[float]
+
+
+class AdapterInfo(BaseModel):
+    task: str
+    version: int
+    method: str
+    params: int
+    sha256: str
+    spec: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

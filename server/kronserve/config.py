@@ -1,0 +1,41 @@
+"""All settings in one place; every field is also an environment variable `KRONSERVE_<NAME>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9._+-]{0,63}$"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KRONSERVE_", extra="ignore")
+
+    backbone: str | None = Field(
+        default=None,
+        description="hub id or directory; unset: t5-small if the hub answers, else an offline demo backbone",
+    )
+    store: Path = Path("adapters_store")
+    cache_dir: Path = Field(default=Path.home() / ".cache" / "kronserve", description="where the demo backbone goes")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "float32"
+
+    max_batch_rows: int = Field(default=64, ge=1, description="rows (inputs) per engine batch")
+    max_batch_tokens: int = Field(default=16384, ge=1, description="input tokens per engine batch")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="how long a batch waits to fill")
+    queue_size: int = Field(default=256, ge=1, description="queued requests before new ones get 503")
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    max_inputs: int = Field(default=64, ge=1)
+    max_input_tokens: int = Field(default=512, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_beams: int = Field(default=8, ge=1)
+
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_adapters: int = Field(default=4096, ge=1, description="bank slots, i.e. resident adapter versions")
+    admin_token: SecretStr | None = Field(default=None, description="when set, PUT/DELETE need it as Bearer")
+    metrics_max_tasks: int = Field(default=100, ge=0, description="tasks with their own metric label")
+    log_level: str = "info"

@@ -1,0 +1,74 @@
+"""Prometheus metrics, held by one object passed to each stage (no module-level collectors).
+
+Per-task labels have bounded cardinality: the first `max_tasks` distinct task ids seen by this
+process get their own `task` label; every later task is counted under `task="__other__"`. So a
+server with thousands of tasks exports at most max_tasks + 1 task series per metric.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OTHER_TASK = "__other__"
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, max_tasks: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kronserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.failures = Counter(
+            "kronserve_request_failures", "Failed requests by endpoint and error code", ["endpoint", "code"], registry=r
+        )
+        self.task_requests = Counter(
+            "kronserve_task_requests",
+            "Predict/score requests by task (bounded, see docs)",
+            ["task", "endpoint"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kronserve_request_latency_seconds", "End-to-end latency", ["endpoint"], buckets=_LATENCY, registry=r
+        )
+        self.queue_wait = Histogram(
+            "kronserve_queue_wait_seconds", "Time from admission to batch start", buckets=_LATENCY, registry=r
+        )
+        self.engine_time = Histogram(
+            "kronserve_engine_seconds", "Engine time per batch", ["kind"], buckets=_LATENCY, registry=r
+        )
+        self.batch_rows = Histogram("kronserve_batch_rows", "Rows per engine batch", buckets=_ROWS, registry=r)
+        self.batch_tasks = Histogram(
+            "kronserve_batch_tasks", "Distinct tasks per engine batch", buckets=_ROWS, registry=r
+        )
+        self.queue_depth = Gauge("kronserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.adapters_active = Gauge("kronserve_adapters_active", "Tasks with an active version", registry=r)
+        self.adapters_resident = Gauge(
+            "kronserve_adapters_resident", "Adapter versions in bank slots (active + draining)", registry=r
+        )
+        self.adapter_loads = Counter("kronserve_adapter_loads", "Adapter versions loaded", ["source"], registry=r)
+        self.adapter_load_failures = Counter(
+            "kronserve_adapter_load_failures", "Adapter loads refused or failed", ["source", "code"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "kronserve_adapter_load_seconds", "Validate + store + load time", buckets=_LATENCY, registry=r
+        )
+        self._max_tasks = max_tasks
+        self._labelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def task_label(self, task: str) -> str:
+        with self._lock:
+            if task in self._labelled:
+                return task
+            if len(self._labelled) < self._max_tasks:
+                self._labelled.add(task)
+                return task
+        return OTHER_TASK
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,209 @@
+"""Dynamic batching across tasks: concurrent requests of any tasks merge into one engine batch.
+
+The LitServe loop shape: a request is validated and tokenized-counted *before* it joins the queue
+(one bad request never fails a batch); the batcher takes the oldest request, adds every queued
+request with the same generation settings until the row or token bound, waiting at most
+`batch_wait_ms` to fill; the engine runs the batch on its own thread (off the event loop); each
+request's future gets its own rows back. Tasks are resolved per batch under a lease, so a request
+whose task was deleted while it queued fails alone with UnknownTask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Engine
+from .errors import NotReady, Overloaded, RequestTimeout, UnknownTask
+from .metrics import Metrics
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests batch together only when one engine call can serve them all."""
+
+    kind: str  # "generate" | "score"
+    max_new_tokens: int = 0
+    num_beams: int = 1
+
+
+@dataclass
+class Job:
+    key: BatchKey
+    task: str
+    inputs: list[str]
+    targets: list[str] | None
+    tokens: int
+    deadline: float
+    future: asyncio.Future[Any]
+    admitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Result:
+    task: str
+    version: int
+    values: list[Any]  # output strings or float scores
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        max_rows: int,
+        max_tokens: int,
+        wait_ms: float,
+        queue_size: int,
+        timeout_s: float,
+    ) -> None:
+        self.engine, self.metrics = engine, metrics
+        self.max_rows, self.max_tokens, self.wait_s = max_rows, max_tokens, wait_ms / 1000
+        self.queue_size, self.timeout_s = queue_size, timeout_s
+        self._queue: deque[Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronserve-engine")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._in_flight = 0
+
+    def start(self) -> None:
+        self._accepting = True
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, finish everything already accepted, then stop the batcher."""
+        self._accepting = False
+        while self._queue or self._in_flight:
+            await asyncio.sleep(0.01)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self._executor.shutdown(wait=True)
+
+    async def submit(
+        self, key: BatchKey, task: str, inputs: list[str], targets: list[str] | None, tokens: int
+    ) -> Result:
+        """Queue one validated request and wait for its rows; raises Overloaded when the queue is full."""
+        if not self._accepting:
+            raise NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
+        if len(self._queue) >= self.queue_size:
+            raise Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
+        job = Job(
+            key,
+            task,
+            inputs,
+            targets,
+            tokens,
+            time.monotonic() + self.timeout_s,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(job)
+        self.metrics.queue_depth.set(len(self._queue))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=self.timeout_s)
+        except TimeoutError:
+            job.future.cancel()
+            raise RequestTimeout(f"request did not finish within {self.timeout_s:g} s", retry_after=1) from None
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = await self._collect()
+            if batch:
+                await self._execute(batch)
+
+    async def _collect(self) -> list[Job]:
+        """Oldest request's key decides the batch; fill it from the queue until full or the wait ends."""
+        self._drop_expired()
+        if not self._queue:
+            return []
+        key = self._queue[0].key
+        deadline = time.monotonic() + self.wait_s
+        batch: list[Job] = []
+        rows = tokens = 0
+        while True:
+            for job in list(self._queue):
+                if job.key != key:
+                    continue
+                fits = rows + len(job.inputs) <= self.max_rows and tokens + job.tokens <= self.max_tokens
+                if batch and not fits:
+                    continue
+                self._queue.remove(job)
+                batch.append(job)
+                rows, tokens = rows + len(job.inputs), tokens + job.tokens
+            remaining = deadline - time.monotonic()
+            if rows >= self.max_rows or tokens >= self.max_tokens or remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+        self.metrics.queue_depth.set(len(self._queue))
+        return [j for j in batch if not j.future.done()]
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.deadline <= now or j.future.done()]:
+            self._queue.remove(job)
+
+    async def _execute(self, batch: list[Job]) -> None:
+        self._in_flight += 1
+        try:
+            started = time.perf_counter()
+            for job in batch:
+                self.metrics.queue_wait.observe(started - job.admitted)
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            self.metrics.engine_time.labels(batch[0].key.kind).observe(time.perf_counter() - started)
+            for job, result in zip(batch, outcome, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+        except BaseException as e:  # the engine failed as a whole: every request of the batch learns why
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._in_flight -= 1
+
+    def _run_batch(self, batch: list[Job]) -> list[Result | BaseException]:
+        """On the engine thread: lease every task once, fail the vanished ones alone, run the rest."""
+        with self.engine.registry.lease([j.task for j in batch], strict=False) as entries:
+            live = [(j, e) for j, e in zip(batch, entries, strict=True) if e is not None]
+            outcome: dict[int, Result | BaseException] = {
+                id(j): UnknownTask(f"unknown task {j.task!r}") for j, e in zip(batch, entries, strict=True) if e is None
+            }
+            if live:
+                row_entries = [e for j, e in live for _ in j.inputs]
+                inputs = [x for j, _ in live for x in j.inputs]
+                self.metrics.batch_rows.observe(len(inputs))
+                self.metrics.batch_tasks.observe(len({e.task for _, e in live}))
+                values = self._engine_call(batch[0].key, row_entries, inputs, live)
+                start = 0
+                for j, e in live:
+                    outcome[id(j)] = Result(j.task, e.version, values[start : start + len(j.inputs)])
+                    start += len(j.inputs)
+        return [outcome[id(j)] for j in batch]
+
+    def _engine_call(self, key: BatchKey, entries: list, inputs: list[str], live: list) -> list[Any]:
+        if key.kind == "score":
+            targets = [t for j, _ in live for t in j.targets]
+            return self.engine.score_leased(entries, inputs, targets).scores
+        return self.engine.generate_leased(entries, inputs, key.max_new_tokens, key.num_beams).outputs

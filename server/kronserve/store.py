@@ -1,0 +1,198 @@
+"""The durable truth: adapter versions on disk, behind an interface a shared store can also implement.
+
+Local layout, one directory per task:
+
+    <root>/<task>/v000003-<sha256[:16]>.safetensors   immutable version files
+    <root>/<task>/ACTIVE                               {"version": 3, "sha256": "...", "file": "v000003-..."}
+
+Every write is temp file -> fsync -> rename -> fsync(dir), so a crash at any moment leaves the
+previous ACTIVE pointer and its file intact. A version file without a pointer to it is an orphan
+(an upload that did not finish); it is never served. Symlinks are never followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TASK_ID_PATTERN
+from .errors import InvalidRequest, KronserveError, UnknownTask
+
+ACTIVE = "ACTIVE"
+_VERSION_FILE = re.compile(r"^v(\d{6,})-([0-9a-f]{16})\.safetensors$")
+_TASK = re.compile(TASK_ID_PATTERN)
+
+
+class StoreError(KronserveError):
+    code = "store_error"
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    task: str
+    version: int
+    sha256: str
+
+
+def check_task_id(task: str) -> str:
+    if not isinstance(task, str) or not _TASK.fullmatch(task):
+        raise InvalidRequest(f"invalid task id {task!r}: expected {TASK_ID_PATTERN}")
+    return task
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class AdapterStore(ABC):
+    """What the registry needs from durable storage; nothing above it touches paths."""
+
+    @abstractmethod
+    def tasks(self) -> list[str]:
+        """Tasks that have an active version."""
+
+    @abstractmethod
+    def active(self, task: str) -> VersionRef | None: ...
+
+    @abstractmethod
+    def read(self, ref: VersionRef) -> bytes:
+        """The version's bytes, verified against its sha256."""
+
+    @abstractmethod
+    def write(self, task: str, data: bytes) -> VersionRef:
+        """Store a new immutable version (not active yet)."""
+
+    @abstractmethod
+    def activate(self, ref: VersionRef) -> None:
+        """Make `ref` the task's active version, atomically."""
+
+    @abstractmethod
+    def discard(self, ref: VersionRef) -> None:
+        """Remove a version that never became active."""
+
+    @abstractmethod
+    def delete(self, task: str) -> None:
+        """Remove the task: its pointer first (atomic), then its files."""
+
+
+class LocalStore(AdapterStore):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def tasks(self) -> list[str]:
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_symlink() or not entry.is_dir() or not _TASK.fullmatch(entry.name):
+                continue
+            if self._pointer(entry.name).is_file() and not self._pointer(entry.name).is_symlink():
+                out.append(entry.name)
+        return out
+
+    def active(self, task: str) -> VersionRef | None:
+        pointer = self._pointer(task)
+        if pointer.is_symlink() or not pointer.is_file():
+            return None
+        try:
+            data = json.loads(_read_nofollow(pointer))
+            ref = VersionRef(task, int(data["version"]), str(data["sha256"]))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise StoreError(f"task {task!r}: unreadable ACTIVE pointer ({e})") from e
+        if data.get("file") != self._file_name(ref):
+            raise StoreError(f"task {task!r}: ACTIVE pointer names {data.get('file')!r}, not {self._file_name(ref)!r}")
+        return ref
+
+    def read(self, ref: VersionRef) -> bytes:
+        path = self._dir(ref.task) / self._file_name(ref)
+        try:
+            data = _read_nofollow(path)
+        except OSError as e:
+            raise StoreError(f"task {ref.task!r} version {ref.version}: cannot read {path.name} ({e})") from e
+        if sha256_of(data) != ref.sha256:
+            raise StoreError(f"task {ref.task!r} version {ref.version}: file content does not match its sha256")
+        return data
+
+    def write(self, task: str, data: bytes) -> VersionRef:
+        d = self._dir(task)
+        if d.is_symlink():
+            raise StoreError(f"task directory {task!r} is a symlink; refusing to follow it")
+        d.mkdir(exist_ok=True)
+        ref = VersionRef(task, self._next_version(task), sha256_of(data))
+        _atomic_write(d / self._file_name(ref), data)
+        return ref
+
+    def activate(self, ref: VersionRef) -> None:
+        body = json.dumps({"version": ref.version, "sha256": ref.sha256, "file": self._file_name(ref)})
+        _atomic_write(self._pointer(ref.task), body.encode())
+
+    def discard(self, ref: VersionRef) -> None:
+        (self._dir(ref.task) / self._file_name(ref)).unlink(missing_ok=True)
+
+    def delete(self, task: str) -> None:
+        d = self._dir(task)
+        if d.is_symlink() or not self._pointer(task).is_file():
+            raise UnknownTask(f"unknown task {task!r}")
+        self._pointer(task).unlink()
+        _fsync_dir(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def versions(self, task: str) -> list[VersionRef]:
+        """Every version file of the task, active or orphaned."""
+        d = self._dir(task)
+        if d.is_symlink() or not d.is_dir():
+            return []
+        refs = []
+        for p in d.iterdir():
+            m = _VERSION_FILE.fullmatch(p.name)
+            if m and not p.is_symlink():
+                refs.append(VersionRef(task, int(m.group(1)), m.group(2)))
+        return sorted(refs, key=lambda r: r.version)
+
+    def _next_version(self, task: str) -> int:
+        return max((r.version for r in self.versions(task)), default=0) + 1
+
+    def _dir(self, task: str) -> Path:
+        return self.root / check_task_id(task)
+
+    def _pointer(self, task: str) -> Path:
+        return self._dir(task) / ACTIVE
+
+    @staticmethod
+    def _file_name(ref: VersionRef) -> str:
+        return f"v{ref.version:06d}-{ref.sha256[:16]}.safetensors"
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
