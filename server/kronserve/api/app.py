@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -78,4 +79,6 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
+    # uvicorn re-raises the signal it drained on; after a clean SIGTERM drain that must be a no-op (exit 0).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     DrainingServer(config).run()

@@ -1,0 +1,83 @@
+"""A real `kronserve serve` process on 127.0.0.1, a real store directory, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kronserve.backbone import load_backbone
+from kronserve.formats.native import dumps
+
+from ..conftest import make_adapter
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, backbone: Path, store: Path, **env: str) -> None:
+        self.backbone, self.store, self.env = backbone, store, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = store.parent / f"server-{self.port}.log"
+
+    def start(self) -> Server:
+        env = {**os.environ, "KRONSERVE_BATCH_WAIT_MS": "20", **self.env}
+        cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", "serve"]
+        cmd += ["--backbone", str(self.backbone), "--store", str(self.store), "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path, store_dir: Path) -> Iterator[Server]:
+    s = Server(tiny_dir, store_dir).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def adapter_bytes(tiny_dir: Path):
+    bb = load_backbone(str(tiny_dir), device="cpu")
+
+    def make(task: str, method: str = "compacter", seed: int = 0, **overrides) -> bytes:
+        return dumps(make_adapter(bb, task, method, seed=seed, std=0.3, **overrides))
+
+    return make
+
+
+def upload(url: str, task: str, data: bytes, token: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.put(f"{url}/v1/adapters/{task}", files={"file": ("a.safetensors", data)}, headers=headers, timeout=30)

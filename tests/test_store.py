@@ -1,0 +1,96 @@
+"""The local store and the registry on top of it: atomic versions, bad files skipped, no symlinks followed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kronserve.backbone import Backbone
+from kronserve.engine import Engine
+from kronserve.errors import InvalidAdapter, InvalidRequest, UnknownTask
+from kronserve.formats.native import dumps
+from kronserve.metrics import Metrics
+from kronserve.store import LocalStore, StoreError
+
+
+def test_versions_are_immutable_files_and_the_pointer_moves(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    v1 = store.write("task", b"one")
+    assert store.active("task") is None and store.tasks() == []  # written, not active yet
+    store.activate(v1)
+    v2 = store.write("task", b"two")
+    store.activate(v2)
+    assert store.active("task") == v2 and v2.version == 2
+    assert store.read(v1) == b"one" and store.read(v2) == b"two"
+    assert not [p for p in (tmp_path / "task").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_read_verifies_the_hash(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    ref = store.write("t", b"payload")
+    next((tmp_path / "t").glob("v*.safetensors")).write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="does not match its sha256"):
+        store.read(ref)
+
+
+@pytest.mark.parametrize("bad", ["..", "../x", "/abs", "a/b", "UP", "a\0b", "x" * 65, ""])
+def test_task_ids_that_could_escape_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        LocalStore(tmp_path).write(bad, b"x")
+
+
+def test_symlinked_task_directories_are_never_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "store"
+    store = LocalStore(root)
+    os.symlink(outside, root / "evil")
+    assert store.tasks() == []
+    with pytest.raises(StoreError, match="symlink"):
+        store.write("evil", b"x")
+    assert list(outside.iterdir()) == []
+
+
+def test_delete_removes_pointer_and_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.activate(store.write("t", b"x"))
+    store.delete("t")
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(UnknownTask):
+        store.delete("t")
+
+
+def test_startup_skips_corrupt_and_foreign_files_and_loads_the_rest(
+    tmp_path: Path, backbone: Backbone, adapter_for, other_tiny_dir: Path
+) -> None:
+    from kronserve.backbone import load_backbone
+
+    from .conftest import make_adapter
+
+    store = LocalStore(tmp_path)
+    store.activate(store.write("good", dumps(adapter_for("good", "compacter", seed=1))))
+    store.activate(store.write("corrupt", b"\x80\x04 not an adapter"))
+    foreign = make_adapter(load_backbone(str(other_tiny_dir), device="cpu"), "foreign", "compacter")
+    store.activate(store.write("foreign", dumps(foreign)))
+    store.write("orphan", dumps(adapter_for("orphan", "compacter")))  # never activated: an unfinished upload
+    metrics = Metrics()
+    engine = Engine(backbone, store=store, metrics=metrics)
+    assert engine.registry.load_store() == ["good"]
+    assert [e.task for e in engine.registry.entries()] == ["good"]
+    sample = metrics.registry.get_sample_value
+    assert sample("kronserve_adapter_load_failures_total", {"source": "store", "code": "unsupported_format"}) == 1
+    assert sample("kronserve_adapter_load_failures_total", {"source": "store", "code": "backbone_mismatch"}) == 1
+
+
+def test_failed_upload_leaves_nothing_behind(tmp_path: Path, backbone: Backbone, adapter_for) -> None:
+    store = LocalStore(tmp_path)
+    engine = Engine(backbone, store=store)
+    first = engine.registry.upload("t", dumps(adapter_for("t", "compacter", seed=1)))
+    bad = adapter_for("t", "compacter", seed=2)
+    bad.tensors["phm_rule"][0, 0, 0] = float("inf")
+    with pytest.raises(InvalidAdapter):
+        engine.registry.upload("t", dumps(bad))
+    assert engine.registry.get("t") == first
+    assert [p.name for p in (tmp_path / "t").iterdir()] and len(store.versions("t")) == 1
