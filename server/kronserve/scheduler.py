@@ -30,6 +30,7 @@ class BatchKey:
     kind: str  # "generate" | "score"
     max_new_tokens: int = 0
     num_beams: int = 1
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -206,4 +207,6 @@ class Scheduler:
         if key.kind == "score":
             targets = [t for j, _ in live for t in j.targets]
             return self.engine.score_leased(entries, inputs, targets).scores
-        return self.engine.generate_leased(entries, inputs, key.max_new_tokens, key.num_beams).outputs
+        return self.engine.generate_leased(
+            entries, inputs, key.max_new_tokens, key.num_beams, key.min_new_tokens
+        ).outputs

@@ -49,10 +49,12 @@ async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
     _check_limits(service, body.inputs)
     if body.max_new_tokens > service.settings.max_new_tokens:
         raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds {service.settings.max_new_tokens}")
+    if body.min_new_tokens > body.max_new_tokens:
+        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {body.max_new_tokens}")
     if body.num_beams > service.settings.max_beams:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {service.settings.max_beams}")
     service.engine.registry.get(body.task)
-    key = BatchKey("generate", body.max_new_tokens, body.num_beams)
+    key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
     result = await scheduler.submit(key, body.task, body.inputs, None, _tokens(service, body.inputs))
     _count_task(service, body.task, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)

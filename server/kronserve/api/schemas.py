@@ -19,6 +19,7 @@ class PredictRequest(_Strict):
     task: TaskId
     inputs: list[str] = Field(min_length=1, max_length=64)
     max_new_tokens: int = Field(default=32, ge=1)
+    min_new_tokens: int = Field(default=0, ge=0, description="suppress end-of-sequence before this many tokens")
     num_beams: int = Field(default=1, ge=1)
 
 
