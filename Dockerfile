@@ -1,0 +1,38 @@
+# kronserve: docker build -t kronserve .                      (CPU)
+#            docker build -t kronserve:cuda --build-arg TORCH=cuda .   (CUDA; run with --gpus all)
+ARG PYTHON=3.11
+FROM python:${PYTHON}-slim
+
+ARG TORCH=cpu
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /app
+# torch first, so the layer is reused across code changes; the CPU build comes from PyTorch's CPU index,
+# the CUDA build is PyPI's default Linux wheel (it brings its CUDA libraries; the host needs only a driver).
+RUN if [ "$TORCH" = "cpu" ]; then \
+        pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; \
+    elif [ "$TORCH" = "cuda" ]; then \
+        pip install "torch==${TORCH_VERSION}"; \
+    else echo "TORCH must be cpu or cuda" >&2; exit 1; fi
+
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY clients ./clients
+RUN pip install .
+
+RUN useradd --create-home --uid 1000 kronserve && mkdir -p /data && chown kronserve /data
+USER kronserve
+ENV KRONSERVE_HOST=0.0.0.0 \
+    KRONSERVE_PORT=8000 \
+    KRONSERVE_STORE=/data/adapters \
+    KRONSERVE_CACHE_DIR=/data/cache \
+    HF_HOME=/data/hf
+VOLUME ["/data"]
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"
+CMD ["kronserve", "serve"]
