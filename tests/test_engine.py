@@ -136,3 +136,13 @@ def test_bfloat16_engine_tracks_float32(tiny_dir, adapter_for) -> None:
     s32 = e32.score(["t", None], ["hello", "hello"], ["world", "world"]).scores
     s16 = e16.score(["t", None], ["hello", "hello"], ["world", "world"]).scores
     assert s16 == pytest.approx(s32, rel=0.05)
+
+
+def test_too_long_targets_and_inputs_are_refused_not_truncated(backbone, adapter_for) -> None:
+    engine = Engine(backbone, max_input_tokens=8)
+    engine.load(adapter_for("t", "compacter"))
+    assert engine.score(["t"], ["short"], ["abcdefg"]).scores[0] < 0  # 7 bytes + EOS = 8 tokens: fits
+    with pytest.raises(InvalidRequest, match="target 0 has 9 tokens; the limit is 8"):
+        engine.score(["t"], ["short"], ["abcdefgh"])
+    with pytest.raises(InvalidRequest, match="input 1 has"):
+        engine.generate(["t", "t"], ["ok", "much too long"])

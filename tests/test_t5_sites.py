@@ -111,3 +111,14 @@ def test_route_rejects_rows_that_do_not_divide(engine: Engine, loaded) -> None:
     with torch.no_grad(), engine.router.activate(plan), pytest.raises(RuntimeError, match="not a multiple"):
         layer(torch.randn(4, 2, engine.geometry.d_model))
     assert engine.router.plan is None  # the plan is removed even when the forward pass fails
+
+
+def test_rows_without_an_adapter_add_exact_zero_even_when_the_input_overflowed(engine: Engine, loaded) -> None:
+    site = engine.bank.site_index["encoder.0.mh"]
+    plan = engine.bank.plan(Route.of([loaded["compacter"][0], -1, loaded["pfeiffer"][0]]))  # pfeiffer: ffn only
+    x = torch.randn(3, 4, engine.geometry.d_model)
+    x[1, 0, 0] = x[2, 0, 0] = float("inf")
+    with torch.no_grad():
+        delta = plan.delta(site, x, torch.randn_like(x))
+    assert torch.count_nonzero(delta[1:]) == 0 and not torch.isnan(delta[1:]).any()
+    assert torch.isfinite(delta[0]).all() and torch.count_nonzero(delta[0]) > 0

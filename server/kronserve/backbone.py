@@ -56,6 +56,7 @@ _ARCH_KEYS = (
     "tie_word_embeddings",
 )
 _SAMPLE = 4096
+_MAX_DIM, _MAX_LAYERS = 1 << 20, 1024  # sanity bounds on what an adapter file may claim
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,24 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Fingerprint:
-        try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
-        except (KeyError, TypeError) as e:
-            raise BackboneMismatch(f"adapter metadata 'backbone' is not a fingerprint: {e}") from e
+        """Parse an adapter's claim about its backbone; types and sizes are checked, not trusted."""
+        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        if missing:
+            raise BackboneMismatch(f"adapter metadata 'backbone' is not a fingerprint: missing {missing}")
+        for k in ("model_type", "digest"):
+            if not isinstance(data[k], str):
+                raise BackboneMismatch(f"adapter metadata 'backbone.{k}' must be a string")
+        limits = {
+            "d_model": _MAX_DIM,
+            "vocab_size": _MAX_DIM,
+            "num_layers": _MAX_LAYERS,
+            "num_decoder_layers": _MAX_LAYERS,
+        }
+        for k, limit in limits.items():
+            v = data[k]
+            if type(v) is not int or not 0 < v <= limit:
+                raise BackboneMismatch(f"adapter metadata 'backbone.{k}' must be an integer in 1..{limit}")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
     def check(self, other: Fingerprint) -> None:
         """Raise BackboneMismatch naming the first field where `other` (the adapter's) differs."""
@@ -138,6 +153,7 @@ def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> 
     model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "right"  # score() shifts right-padded labels into decoder inputs
     return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source)
 
 

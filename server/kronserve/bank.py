@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import BankFull
+from .errors import BankFull, InvalidAdapter
 from .formats.native import AdapterFile
 from .kernels import Act, routed_bottleneck
-from .methods import Geometry
+from .methods import DenseAdapter, Geometry
 from .routing import Route
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -80,7 +80,7 @@ class AdapterBank:
         if not 0 <= slot < self.max_slots:
             raise BankFull(f"slot {slot} is outside the bank's 0..{self.max_slots - 1}")
         spec, k = adapter.spec, adapter.spec.bottleneck(self.geometry)
-        dense = {site: spec.dense(adapter.tensors, site) for site in spec.active_sites(self.geometry)}
+        dense = {site: self._cast(spec.dense(adapter.tensors, site), site) for site in spec.active_sites(self.geometry)}
         with self._lock:
             row = slot + 1
             self._grow(row + 1, k)
@@ -97,6 +97,14 @@ class AdapterBank:
                     st.norms[j, row] = adapter.tensors[name]
             sites = frozenset(self.site_index[s] for s in dense)
             self._info[slot] = _RowInfo(k, sites, spec.activation, spec.placement, spec.layer_norms)
+
+    def _cast(self, a: DenseAdapter, site: str) -> DenseAdapter:
+        """The bank's dtype; weights that overflow it (float16: |w| > 65504) are refused, not served as Inf."""
+        out = DenseAdapter(*(t.to(self.device, self.dtype) for t in (a.down_w, a.down_b, a.up_w, a.up_b)))
+        for t in (out.down_w, out.down_b, out.up_w, out.up_b):
+            if not torch.isfinite(t).all():
+                raise InvalidAdapter(f"site {site}: materialized weights are not finite in {self.dtype}")
+        return out
 
     def clear(self, slot: int) -> None:
         """Return `slot` to the bare backbone; the caller guarantees no batch in flight uses it."""
@@ -152,6 +160,7 @@ class BatchPlan:
         self.route = route
         self._stacks = stacks
         self._rows = route.slots + 1  # bank row of each request
+        self._infos = infos
         present = [i for i in infos if i is not None]
         self._sites = frozenset().union(*(i.sites for i in present))
         self.use_norms = any(i.has_norms for i in present)
@@ -160,6 +169,7 @@ class BatchPlan:
         self._placements = self._groups([i.placement if i else None for i in infos], {p: p for p in PLACEMENTS})
         self._site_cache: dict[int, tuple[torch.Tensor, ...]] = {}
         self._norm_cache: dict[int, torch.Tensor] = {}
+        self._mask_cache: dict[int, torch.Tensor | None] = {}
 
     def _groups(self, names: list[str | None], table: dict) -> list:
         """[(value, mask)] for the names present; bare rows join the first group (their weights are 0)."""
@@ -181,7 +191,17 @@ class BatchPlan:
         f = f.reshape(x.shape)
         z = self._adapter_input(x, f)
         out = routed_bottleneck(z, *self._site_weights(site), self._acts)
+        rows = self._site_rows(site)
+        if rows is not None:  # rows without an adapter here add exactly 0, even where z overflowed to Inf
+            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.reshape(shape)
+
+    def _site_rows(self, site: int) -> torch.Tensor | None:
+        """[B, 1, 1] mask of the rows with an adapter at `site`, or None when every row has one."""
+        if site not in self._mask_cache:
+            has = [i is not None and site in i.sites for i in self._infos]
+            self._mask_cache[site] = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
+        return self._mask_cache[site]
 
     def norm_weight(self, norm: int) -> torch.Tensor:
         """Per-row RMSNorm weights [B, 1, d] of norm `norm`."""

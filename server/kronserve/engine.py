@@ -95,6 +95,7 @@ class Engine:
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 num_beams=num_beams,
+                num_return_sequences=1,
                 do_sample=False,
             )
         ids = [row[row != tok.pad_token_id].tolist() for row in out]
@@ -110,7 +111,7 @@ class Engine:
     def score_leased(self, entries: Sequence[Entry | None], inputs: Sequence[str], targets: Sequence[str]) -> Scored:
         """`score` for rows whose entries the caller already leased from the registry."""
         enc = self._encode(inputs)
-        lab = self._encode(targets)
+        lab = self._encode(targets, "target")
         labels, mask = lab["input_ids"], lab["attention_mask"].bool()
         start = torch.full_like(labels[:, :1], self.backbone.model.config.decoder_start_token_id)
         decoder_input_ids = torch.cat([start, labels[:, :-1]], dim=1)
@@ -119,10 +120,20 @@ class Engine:
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return Scored((logp * mask).sum(-1).tolist(), list(entries))
 
-    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.backbone.tokenizer(
-            list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_input_tokens
-        )
+    def count_tokens(self, texts: Sequence[str], what: str = "input") -> int:
+        """Tokens of `texts` (EOS included); raises InvalidRequest naming a text over the limit.
+
+        Nothing is truncated silently: a truncated target would be scored as another string.
+        """
+        lengths = [len(ids) for ids in self.backbone.tokenizer(list(texts))["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > self.max_input_tokens:
+                raise InvalidRequest(f"{what} {i} has {n} tokens; the limit is {self.max_input_tokens}")
+        return sum(lengths)
+
+    def _encode(self, texts: Sequence[str], what: str = "input") -> dict[str, torch.Tensor]:
+        self.count_tokens(texts, what)
+        enc = self.backbone.tokenizer(list(texts), return_tensors="pt", padding=True)
         return {k: v.to(self.backbone.device) for k, v in enc.items()}
 
     @contextmanager

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, backbone: Path, store: Path, **env: str) -> None:
+    def __init__(self, backbone: Path | None, store: Path, **env: str) -> None:
         self.backbone, self.store, self.env = backbone, store, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -37,8 +37,11 @@ class Server:
     def start(self) -> Server:
         env = {**os.environ, "KRONSERVE_BATCH_WAIT_MS": "20", **self.env}
         cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", "serve"]
-        cmd += ["--backbone", str(self.backbone), "--store", str(self.store), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        cmd += ["--store", str(self.store), "--port", str(self.port)]
+        cmd += ["--backbone", str(self.backbone)] if self.backbone else []
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=self.store.parent
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()

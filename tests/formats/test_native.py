@@ -94,13 +94,42 @@ def test_other_backbone_is_refused(adapter_for, other_tiny_dir, backbone) -> Non
         (b"PK\x03\x04" + b"\0" * 40, "not a safetensors file"),
         (b"hello, this is a text file", "not a safetensors file"),
         (struct.pack("<Q", 10**6) + b"{}", "exceeds the file"),
-        (struct.pack("<Q", 4) + b"{\xff\xfe}", "not JSON"),
+        (struct.pack("<Q", 4) + b"{\xff\xfe}", "not readable JSON"),
+        (struct.pack("<Q", 100_005) + b'{"a":' + b"[" * 100_000, "not readable JSON"),
         (struct.pack("<Q", 2) + b"{}", "no __metadata__"),
     ],
 )
 def test_not_safetensors(data: bytes, needle: str) -> None:
     with pytest.raises(InvalidAdapter, match=needle):
         loads(data)
+
+
+@pytest.mark.parametrize("value", [5, None, ["a"], {"method": "compacter"}])
+def test_non_string_metadata_is_refused(good: AdapterFile, backbone, value) -> None:
+    data = dumps(good)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"]["spec"] = value
+    raw = json.dumps(header).encode()
+    with pytest.raises(InvalidAdapter, match="metadata values must be strings"):
+        loads(struct.pack("<Q", len(raw)) + raw + data[8 + n :], backbone.fingerprint)
+
+
+def test_huge_integers_and_nan_scaling_are_refused(good: AdapterFile, backbone) -> None:
+    with pytest.raises(InvalidAdapter, match="not JSON"):
+        loads(rewrite(good, spec='{"method": "compacter", "scaling": ' + "9" * 5000 + "}"), backbone.fingerprint)
+    spec = json.loads(good.spec.model_dump_json())
+    with pytest.raises(InvalidSpec, match="scaling"):
+        loads(rewrite(good, spec=json.dumps({**spec, "scaling": float("nan")})), backbone.fingerprint)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("d_model", "128"), ("d_model", 128.0), ("num_layers", True), ("num_layers", 10**7)]
+)
+def test_fingerprint_fields_are_type_checked(good: AdapterFile, field: str, value) -> None:
+    fp = dict(good.fingerprint.as_dict(), **{field: value})
+    with pytest.raises(BackboneMismatch, match=f"backbone.{field}"):
+        loads(rewrite(good, backbone=json.dumps(fp)))
 
 
 def test_truncated_body(good: AdapterFile, backbone) -> None:

@@ -55,7 +55,8 @@ async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {service.settings.max_beams}")
     service.engine.registry.get(body.task)
     key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
-    result = await scheduler.submit(key, body.task, body.inputs, None, _tokens(service, body.inputs))
+    tokens = service.engine.count_tokens(body.inputs)
+    result = await scheduler.submit(key, body.task, body.inputs, None, tokens)
     _count_task(service, body.task, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)
 
@@ -67,7 +68,7 @@ async def score(body: ScoreRequest, service: ServiceDep) -> ScoreResponse:
     if len(body.targets) != len(body.inputs):
         raise InvalidRequest(f"targets has {len(body.targets)} entries but inputs has {len(body.inputs)}")
     service.engine.registry.get(body.task)
-    tokens = _tokens(service, body.inputs) + _tokens(service, body.targets)
+    tokens = service.engine.count_tokens(body.inputs) + service.engine.count_tokens(body.targets, "target")
     result = await scheduler.submit(BatchKey("score"), body.task, body.inputs, body.targets, tokens)
     _count_task(service, body.task, "score")
     return ScoreResponse(task=result.task, version=result.version, scores=result.values)
@@ -140,13 +141,6 @@ async def metrics(service: ServiceDep) -> Response:
 def _check_limits(service: Service, inputs: list[str]) -> None:
     if len(inputs) > service.settings.max_inputs:
         raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {service.settings.max_inputs}")
-
-
-def _tokens(service: Service, texts: list[str]) -> int:
-    """Input tokens as the engine will see them (truncated), for the batch token bound."""
-    limit = service.settings.max_input_tokens
-    ids = service.engine.backbone.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
-    return sum(len(x) for x in ids)
 
 
 def _count_task(service: Service, task: str, endpoint: str) -> None:

@@ -87,11 +87,14 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise InvalidAdapter(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapter(f"not a safetensors file: header is not JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, absurd nesting
+        raise InvalidAdapter(f"not a safetensors file: header is not readable JSON ({type(e).__name__})") from e
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise InvalidAdapter("safetensors file has no __metadata__: not a kronserve adapter")
+    bad = sorted(k for k, v in metadata.items() if not isinstance(v, str))
+    if bad:
+        raise InvalidAdapter(f"metadata values must be strings; not so for {bad[:5]}")
     if metadata.get("format") != FORMAT:
         raise InvalidAdapter(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -131,12 +134,12 @@ def check_tensors(spec: AdapterSpec, geometry: Geometry, tensors: dict[str, torc
 
 
 def _json_field(metadata: dict[str, str], key: str) -> dict[str, Any]:
+    if key not in metadata:
+        raise InvalidAdapter(f"metadata {key!r} is missing")
     try:
         value = json.loads(metadata[key])
-    except KeyError as e:
-        raise InvalidAdapter(f"metadata {key!r} is missing") from e
-    except json.JSONDecodeError as e:
-        raise InvalidAdapter(f"metadata {key!r} is not JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise InvalidAdapter(f"metadata {key!r} is not JSON: {type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(value, dict):
         raise InvalidAdapter(f"metadata {key!r} must be a JSON object")
     return value

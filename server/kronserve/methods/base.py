@@ -76,7 +76,7 @@ class AdapterSpec(BaseModel):
     sites: tuple[SiteKind, ...] = Field(min_length=1)
     reduction_factor: int = Field(ge=1)
     activation: Activation
-    scaling: float = 1.0
+    scaling: float = Field(default=1.0, allow_inf_nan=False, ge=-1e4, le=1e4)
     leave_out: tuple[int, ...] = ()
     layer_norms: bool = False
 
