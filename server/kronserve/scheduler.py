@@ -73,6 +73,11 @@ class Scheduler:
         self._accepting = False
         self._in_flight = 0
 
+    @property
+    def idle(self) -> bool:
+        """No request queued or in the engine (read from other threads: plain reads, no lock needed)."""
+        return not self._queue and self._in_flight == 0
+
     def start(self) -> None:
         self._accepting = True
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -122,9 +127,13 @@ class Scheduler:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = await self._collect()
-            if batch:
-                await self._execute(batch)
+            self._in_flight += 1  # a batch being collected counts as in flight (see `idle`)
+            try:
+                batch = await self._collect()
+                if batch:
+                    await self._execute(batch)
+            finally:
+                self._in_flight -= 1
 
     async def _collect(self) -> list[Job]:
         """Oldest request's key decides the batch; fill it from the queue until full or the wait ends."""
@@ -160,7 +169,6 @@ class Scheduler:
             self._queue.remove(job)
 
     async def _execute(self, batch: list[Job]) -> None:
-        self._in_flight += 1
         try:
             started = time.perf_counter()
             for job in batch:
@@ -181,8 +189,6 @@ class Scheduler:
                     job.future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
-        finally:
-            self._in_flight -= 1
 
     def _run_batch(self, batch: list[Job]) -> list[Result | BaseException]:
         """On the engine thread: lease every task once, fail the vanished ones alone, run the rest."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .backbone import default_backbone, load_backbone
 from .config import Settings
@@ -76,6 +77,12 @@ class Service:
         self.draining = True
         if self._scheduler is not None:
             self._scheduler.stop_accepting()
+
+    def wait_drained(self, timeout_s: float) -> None:
+        """Block (off the event loop) until no accepted request is queued or running, or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._scheduler is not None and not self._scheduler.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     async def stop(self) -> None:
         self.begin_drain()

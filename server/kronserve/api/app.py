@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -68,8 +69,18 @@ def serve(settings: Settings) -> None:
     service: Service = app.state.service
 
     class DrainingServer(uvicorn.Server):
+        """First SIGTERM: keep listening, answer /readyz 503 and refuse new work until accepted work is done,
+        then shut down as uvicorn does. A second signal, or SIGINT, stops at once."""
+
         def handle_exit(self, sig: int, frame: object) -> None:
+            if sig != signal.SIGTERM or service.draining:
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+                return
             service.begin_drain()
+            threading.Thread(target=self._exit_when_drained, args=(sig, frame), daemon=True).start()
+
+        def _exit_when_drained(self, sig: int, frame: object) -> None:
+            service.wait_drained(timeout_s=settings.request_timeout_s)
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
     config = uvicorn.Config(
