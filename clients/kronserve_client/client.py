@@ -78,8 +78,12 @@ def _body(response: httpx.Response) -> Any:
     return response.json()
 
 
-def _predict(task: str, inputs: Sequence[str], max_new_tokens: int, num_beams: int) -> _Call[PredictResult]:
+def _predict(
+    task: str, inputs: Sequence[str], max_new_tokens: int, num_beams: int, min_new_tokens: int
+) -> _Call[PredictResult]:
     body = {"task": task, "inputs": _texts(inputs, "inputs"), "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    if min_new_tokens:
+        body["min_new_tokens"] = min_new_tokens
     return _Call("POST", "/v1/predict", lambda r: PredictResult.from_json(_body(r)), json=body)
 
 
@@ -155,9 +159,11 @@ class KronserveClient:
     def _run(self, call: _Call[T]) -> T:
         return call.finish(self._http.request(call.method, call.path, json=call.json, files=call.files))
 
-    def predict(self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1) -> PredictResult:
+    def predict(
+        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, min_new_tokens: int = 0
+    ) -> PredictResult:
         """Generate one output per input with the task's current adapter (the server allows 1..64 inputs)."""
-        return self._run(_predict(task, inputs, max_new_tokens, num_beams))
+        return self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
 
     def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
         """Score each target given its input (paired by position, so both must have the same length)."""
@@ -229,10 +235,10 @@ class AsyncKronserveClient:
         return call.finish(await self._http.request(call.method, call.path, json=call.json, files=call.files))
 
     async def predict(
-        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1
+        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, min_new_tokens: int = 0
     ) -> PredictResult:
         """See `KronserveClient.predict`."""
-        return await self._run(_predict(task, inputs, max_new_tokens, num_beams))
+        return await self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
 
     async def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
         """See `KronserveClient.score`."""
