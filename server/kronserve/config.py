@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(default=64, ge=1, description="rows (inputs) per engine batch")
     max_batch_tokens: int = Field(default=16384, ge=1, description="input tokens per engine batch")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="how long a batch waits to fill")
+    batch_fill_fraction: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="under load, wait up to this share of the last batch's engine time to refill a batch (0: off)",
+    )
     queue_size: int = Field(default=256, ge=1, description="queued requests before new ones get 503")
     request_timeout_s: float = Field(default=60.0, gt=0)
     max_inputs: int = Field(default=64, ge=1)

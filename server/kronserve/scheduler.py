@@ -62,10 +62,12 @@ class Scheduler:
         wait_ms: float,
         queue_size: int,
         timeout_s: float,
+        fill_fraction: float = 0.25,
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.max_rows, self.max_tokens, self.wait_s = max_rows, max_tokens, wait_ms / 1000
-        self.queue_size, self.timeout_s = queue_size, timeout_s
+        self.queue_size, self.timeout_s, self.fill_fraction = queue_size, timeout_s, fill_fraction
+        self._last_rows, self._last_engine_s, self._last_end = 0, 0.0, float("-inf")
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronserve-engine")
@@ -141,7 +143,8 @@ class Scheduler:
         if not self._queue:
             return []
         key = self._queue[0].key
-        deadline = time.monotonic() + self.wait_s
+        target, wait = self._fill_goal()
+        deadline = time.monotonic() + wait
         batch: list[Job] = []
         rows = tokens = 0
         while True:
@@ -155,13 +158,27 @@ class Scheduler:
                 batch.append(job)
                 rows, tokens = rows + len(job.inputs), tokens + job.tokens
             remaining = deadline - time.monotonic()
-            if rows >= self.max_rows or tokens >= self.max_tokens or remaining <= 0:
+            if rows >= target or tokens >= self.max_tokens or remaining <= 0:
                 break
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
         self.metrics.queue_depth.set(len(self._queue))
         return [j for j in batch if not j.future.done()]
+
+    def _fill_goal(self) -> tuple[int, float]:
+        """(rows to aim for, how long to wait for them).
+
+        Idle server: a full batch, waiting `batch_wait_ms`. Saturated server (the last batch just ended):
+        the clients it answered are sending their next requests through HTTP right now, so wait up to
+        `fill_fraction` of the last batch's engine time for as many rows as it had; without this a closed
+        loop of clients settles into alternating tiny and full batches.
+        """
+        saturated = time.monotonic() - self._last_end < max(self.wait_s, 0.001)
+        if not saturated or self.fill_fraction <= 0:
+            return self.max_rows, self.wait_s
+        target = min(self.max_rows, max(self._last_rows, 1))
+        return target, max(self.wait_s, self.fill_fraction * self._last_engine_s)
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
@@ -175,7 +192,10 @@ class Scheduler:
                 self.metrics.queue_wait.observe(started - job.admitted)
             loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(self._executor, self._run_batch, batch)
-            self.metrics.engine_time.labels(batch[0].key.kind).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.engine_time.labels(batch[0].key.kind).observe(elapsed)
+            self._last_rows, self._last_engine_s = sum(len(j.inputs) for j in batch), elapsed
+            self._last_end = time.monotonic()
             for job, result in zip(batch, outcome, strict=True):
                 if job.future.done():
                     continue
