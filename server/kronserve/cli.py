@@ -102,6 +102,24 @@ def adapter_init(
     typer.echo(json.dumps(_describe(spec, geometry, task)))
 
 
+@app.command("import")
+def import_adapter(
+    src: Annotated[Path, typer.Argument(help="a saved AdapterHub directory, or a native file")],
+    out: Annotated[Path, typer.Argument(help="native .safetensors file to write")],
+    backbone: Annotated[str, typer.Option(help="hub id or directory of the serving backbone")] = ...,  # type: ignore[assignment]
+    task: Annotated[str | None, typer.Option(help="task id stored in the file (default: SRC's name)")] = None,
+) -> None:
+    """Convert a foreign adapter into a native file for BACKBONE (validated exactly as an upload is)."""
+    from .backbone import load_backbone
+    from .formats.importers import read_source, to_adapter
+    from .formats.native import save
+
+    fingerprint = load_backbone(backbone, device="cpu").fingerprint
+    adapter = to_adapter(read_source(src), task or src.stem.lower(), fingerprint)
+    save(adapter, out)
+    typer.echo(json.dumps(_describe(adapter.spec, adapter.geometry, adapter.task)))
+
+
 @adapter_app.command("inspect")
 def adapter_inspect(file: Path) -> None:
     """Print an adapter file's task, spec, backbone and parameter count as JSON."""

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_beams: int = Field(default=8, ge=1)
 
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    accept_pickle: bool = Field(
+        default=True, description="read AdapterHub .bin uploads (torch weights-only loader); false: 415"
+    )
     max_adapters: int = Field(default=4096, ge=1, description="bank slots, i.e. resident adapter versions")
     admin_token: SecretStr | None = Field(default=None, description="when set, PUT/DELETE need it as Bearer")
     metrics_max_tasks: int = Field(default=100, ge=0, description="tasks with their own metric label")

@@ -13,7 +13,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..config import TASK_ID_PATTERN
-from ..errors import BadRequest, InvalidRequest, NotReady, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, InvalidRequest, KronserveError, NotReady, PayloadTooLarge, Unauthorized
+from ..formats.importers import to_adapter
+from ..formats.native import dumps, is_native
+from ..registry import Entry
 from ..scheduler import BatchKey
 from ..service import Service
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
@@ -96,12 +99,25 @@ async def score(body: ScoreRequest, service: ServiceDep) -> ScoreResponse:
     },
 )
 async def upload_adapter(task: TaskPath, request: Request, service: ServiceDep) -> AdapterInfo:
-    """Upload a new version of `task`: a multipart `file` part (or a raw body) holding a native file."""
-    registry = service.engine.registry
+    """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts."""
+    service.engine  # noqa: B018 - raises NotReady while the backbone loads
     body = await _read_limited(request, service.settings.max_upload_bytes)
-    data = await _file_part(request, body)
-    entry = await asyncio.to_thread(registry.upload, task, data)
+    parts = await _file_parts(request, body)
+    entry = await asyncio.to_thread(_upload, service, task, parts)
     return AdapterInfo(**entry.describe())
+
+
+def _upload(service: Service, task: str, parts: dict[str, bytes]) -> Entry:
+    """A native file is stored as sent; another format is converted to native first (its hash is the native file's)."""
+    registry = service.engine.registry
+    if len(parts) == 1 and is_native(data := next(iter(parts.values()))):
+        return registry.upload(task, data)
+    try:
+        adapter = to_adapter(parts, task, registry.fingerprint, service.settings.accept_pickle)
+    except KronserveError as e:
+        registry.metrics.adapter_load_failures.labels("upload", e.code).inc()
+        raise
+    return registry.upload(task, dumps(adapter))
 
 
 @router.get("/v1/adapters", response_model=list[AdapterInfo])
@@ -160,11 +176,11 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _file_part(request: Request, body: bytes) -> bytes:
-    """The one native file of the upload: a multipart part named `file`, or a raw octet-stream body."""
+async def _file_parts(request: Request, body: bytes) -> dict[str, bytes]:
+    """The uploaded files by name: multipart parts named `file`, or a raw octet-stream body (one native file)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/octet-stream"):
-        return body
+        return {"adapter.safetensors": body}
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("send the adapter as multipart/form-data with a part named 'file'")
 
@@ -178,6 +194,10 @@ async def _file_part(request: Request, body: bytes) -> bytes:
     parts = [p for p in form.getlist("file") if isinstance(p, UploadFile)]
     if not parts:
         raise BadRequest("no part named 'file' in the upload")
-    if len(parts) > 1:
-        raise BadRequest(f"{len(parts)} 'file' parts: a native adapter is one .safetensors file")
-    return await parts[0].read()
+    files: dict[str, bytes] = {}
+    for part in parts:
+        name = (part.filename or "adapter.safetensors").rsplit("/", 1)[-1]
+        if name in files:
+            raise BadRequest(f"two 'file' parts are named {name!r}")
+        files[name] = await part.read()
+    return files

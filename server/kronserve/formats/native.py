@@ -76,20 +76,18 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
     return AdapterFile(adapter.task, spec, fingerprint, check_tensors(spec, adapter.geometry, tensors))
 
 
+def is_native(data: bytes) -> bool:
+    """Whether `data` is a safetensors file whose metadata says kronserve (valid or not: `loads` says)."""
+    try:
+        metadata = _header(data).get("__metadata__")
+    except InvalidAdapter:
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+
+
 def read_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's `__metadata__`, checked to be a kronserve file of a known version."""
-    if not data:
-        raise InvalidAdapter("empty file")
-    if len(data) < 9 or data[8:9] != b"{":
-        raise UnsupportedFormat("not a safetensors file: it does not start with a length and a JSON header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise InvalidAdapter(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, absurd nesting
-        raise InvalidAdapter(f"not a safetensors file: header is not readable JSON ({type(e).__name__})") from e
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    metadata = _header(data).get("__metadata__")
     if not isinstance(metadata, dict):
         raise InvalidAdapter("safetensors file has no __metadata__: not a kronserve adapter")
     bad = sorted(k for k, v in metadata.items() if not isinstance(v, str))
@@ -104,6 +102,24 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if not metadata.get("task"):
         raise InvalidAdapter("metadata 'task' is missing")
     return metadata
+
+
+def _header(data: bytes) -> dict:
+    """The JSON header of a safetensors file, or an error saying why `data` is not one."""
+    if not data:
+        raise InvalidAdapter("empty file")
+    if len(data) < 9 or data[8:9] != b"{":
+        raise UnsupportedFormat("not a safetensors file: it does not start with a length and a JSON header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise InvalidAdapter(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, absurd nesting
+        raise InvalidAdapter(f"not a safetensors file: header is not readable JSON ({type(e).__name__})") from e
+    if not isinstance(header, dict):
+        raise InvalidAdapter("not a safetensors file: header is not a JSON object")
+    return header
 
 
 def check_tensors(spec: AdapterSpec, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

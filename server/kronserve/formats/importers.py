@@ -1,0 +1,59 @@
+"""Which format an upload is, and its conversion to a native adapter.
+
+Native: one kronserve `.safetensors`. AdapterHub: `adapter_config.json` + `pytorch_adapter.bin` or
+`adapter.safetensors` (head files ignored). Files are matched by base name, so a client may send a
+directory's files as they are. Importers produce the native spec + tensors and nothing else; the
+result is checked like any native file before it is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backbone import Fingerprint
+from ..errors import BadRequest, UnsupportedFormat
+from . import adapterhub, native
+from .native import AdapterFile
+from .weights import load_weights
+
+ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
+IGNORED = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors", "README.md")
+
+
+def read_source(src: str | Path) -> dict[str, bytes]:
+    """A file, or every file of a directory, by base name."""
+    path = Path(src)
+    files = [p for p in sorted(path.iterdir()) if p.is_file()] if path.is_dir() else [path]
+    return {p.name: p.read_bytes() for p in files}
+
+
+def to_adapter(parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool = True) -> AdapterFile:
+    """Detect the format of `parts` (base name -> bytes) and return it as a validated native adapter for `task`."""
+    parts = {Path(name).name: data for name, data in parts.items() if Path(name).name not in IGNORED}
+    if not parts:
+        raise BadRequest("no adapter files in the upload")
+    if "adapter_config.json" in parts:
+        cfg = adapterhub.parse_config(parts["adapter_config.json"])
+        if adapterhub.is_adapterhub_config(cfg):
+            return _from_adapterhub(cfg, parts, task, fingerprint, allow_pickle)
+        raise UnsupportedFormat("adapter_config.json is not an AdapterHub adapter config")
+    if len(parts) == 1:
+        adapter = native.loads(next(iter(parts.values())), fingerprint)
+        return AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+    raise BadRequest(
+        f"cannot tell the format of files {sorted(parts)}: send one native .safetensors file or a "
+        "saved adapter directory with its adapter_config.json"
+    )
+
+
+def _from_adapterhub(
+    cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
+) -> AdapterFile:
+    weights = next((n for n in ADAPTERHUB_WEIGHTS if n in parts), None)
+    if weights is None:
+        raise BadRequest(f"AdapterHub adapter without weights: expected one of {list(ADAPTERHUB_WEIGHTS)}")
+    spec = adapterhub.spec_from_config(cfg)
+    state = load_weights(parts[weights], weights, allow_pickle)
+    tensors = adapterhub.tensors_from_state(spec, cfg, state)
+    adapter = AdapterFile(task, spec, fingerprint, tensors)
+    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, adapter.geometry, tensors))
