@@ -11,7 +11,7 @@ import torch
 from kronserve.backbone import Backbone, load_backbone, write_tiny_backbone
 from kronserve.engine import Engine
 from kronserve.formats.native import AdapterFile, dumps, loads
-from kronserve.methods import Geometry, init_tensors, preset
+from kronserve.methods import init_tensors, preset
 from kronserve.t5_sites import base_norms
 
 
@@ -44,7 +44,7 @@ def make_adapter(
 ) -> AdapterFile:
     """A valid adapter for `bb`, round-tripped through the native format (as a user's file would be)."""
     fp = bb.fingerprint
-    geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+    geometry = fp.geometry
     spec = preset(method, **overrides)
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)

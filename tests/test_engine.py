@@ -21,6 +21,8 @@ METHODS = [
     ("houlsby", {"placement": "parallel", "scaling": 0.5}),
     ("compacter++", {"placement": "pfeiffer", "factorized_rule": True}),
     ("pfeiffer", {"layer_norms": True, "activation": "gelu"}),
+    ("lora", {}),
+    ("lora", {"targets": ("q", "k", "v", "o", "wi", "wo"), "rank": 4, "alpha": 16.0, "rslora": True}),
 ]
 INPUTS = ["summarize: the cat sat on the mat", "hi", "translate English to German: good morning", "x" * 40]
 

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, 
 from transformers import T5ForConditionalGeneration as T5
 
 from .errors import BackboneMismatch, KronserveError
+from .methods.base import Geometry
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -71,10 +72,16 @@ class Fingerprint:
     num_layers: int
     num_decoder_layers: int
     vocab_size: int
+    d_ff: int
+    d_attn: int
     digest: str
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.d_model, self.num_layers, self.num_decoder_layers, self.d_ff, self.d_attn)
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Fingerprint:
@@ -121,6 +128,8 @@ def fingerprint_of(model: T5) -> Fingerprint:
         num_layers=cfg.num_layers,
         num_decoder_layers=cfg.num_decoder_layers,
         vocab_size=cfg.vocab_size,
+        d_ff=cfg.d_ff,
+        d_attn=cfg.num_heads * cfg.d_kv,
         digest=h.hexdigest()[:32],
     )
 

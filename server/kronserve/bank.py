@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .errors import BankFull, InvalidAdapter
 from .formats.native import AdapterFile
 from .kernels import Act, routed_bottleneck
-from .methods import DenseAdapter, Geometry
+from .methods import DenseAdapter, Geometry, LoraSpec
 from .routing import Route
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -37,15 +37,17 @@ class _Stacks:
     up_w: torch.Tensor  # [sites, rows, K, d]
     up_b: torch.Tensor  # [sites, rows, d]
     norms: torch.Tensor  # [norms, rows, d]
+    lora: dict[int, tuple[torch.Tensor, torch.Tensor]]  # projection -> (A [rows, in, R], B [rows, R, out])
 
 
 @dataclass(frozen=True)
 class _RowInfo:
     k: int
     sites: frozenset[int]
-    activation: str
-    placement: str
+    activation: str | None
+    placement: str | None
     has_norms: bool
+    linears: frozenset[int] = frozenset()
 
 
 class AdapterBank:
@@ -62,6 +64,7 @@ class AdapterBank:
         self.sites = geometry.all_sites()
         self.site_index = {s: i for i, s in enumerate(self.sites)}
         self.norm_names = geometry.all_norms()
+        self.linear_index = {name: i for i, name in enumerate(geometry.all_linears())}
         self.device, self.dtype, self.max_slots = device, dtype, max_slots
         self._base_norms = torch.stack([base_norms[n] for n in self.norm_names]).to(device, dtype)  # [N, d]
         self._lock = threading.Lock()
@@ -79,6 +82,9 @@ class AdapterBank:
         """Fill `slot` with `adapter` (already validated against this backbone)."""
         if not 0 <= slot < self.max_slots:
             raise BankFull(f"slot {slot} is outside the bank's 0..{self.max_slots - 1}")
+        if isinstance(adapter.spec, LoraSpec):
+            self._write_lora(slot, adapter.spec, adapter.tensors)
+            return
         spec, k = adapter.spec, adapter.spec.bottleneck(self.geometry)
         dense = {site: self._cast(spec.dense(adapter.tensors, site), site) for site in spec.active_sites(self.geometry)}
         with self._lock:
@@ -98,6 +104,38 @@ class AdapterBank:
             sites = frozenset(self.site_index[s] for s in dense)
             self._info[slot] = _RowInfo(k, sites, spec.activation, spec.placement, spec.layer_norms)
 
+    def _write_lora(self, slot: int, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+        factors = {}
+        for lin in spec.active_linears(self.geometry):
+            a, b = (t.to(self.device, self.dtype) for t in spec.low_rank(tensors, lin))
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise InvalidAdapter(f"projection {lin}: LoRA factors are not finite in {self.dtype}")
+            factors[self.linear_index[lin]] = (a, b)
+        with self._lock:
+            row = slot + 1
+            self._grow(row + 1, 0)
+            self._clear_row(row)
+            for i, (a, b) in factors.items():
+                big_a, big_b = self._lora_stack(i, spec.rank)
+                big_a[row, :, : spec.rank] = a
+                big_b[row, : spec.rank, :] = b
+            self._info[slot] = _RowInfo(0, frozenset(), None, None, False, frozenset(factors))
+
+    def _lora_stack(self, linear: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection's stacks, allocated on first use and widened to `rank` (old rows copied)."""
+        st, rows = self._stacks, self._stacks.down_w.shape[1]
+        fan_in, fan_out = self.geometry.linear_shape(self.geometry.all_linears()[linear])
+        old = st.lora.get(linear)
+        if old is not None and old[0].shape[2] >= rank:
+            return old
+        kw = dict(device=self.device, dtype=self.dtype)
+        new = (torch.zeros(rows, fan_in, rank, **kw), torch.zeros(rows, rank, fan_out, **kw))
+        if old is not None:
+            r0 = old[0].shape[2]
+            new[0][:, :, :r0], new[1][:, :r0, :] = old
+        st.lora[linear] = new
+        return new
+
     def _cast(self, a: DenseAdapter, site: str) -> DenseAdapter:
         """The bank's dtype; weights that overflow it (float16: |w| > 65504) are refused, not served as Inf."""
         out = DenseAdapter(*(t.to(self.device, self.dtype) for t in (a.down_w, a.down_b, a.up_w, a.up_b)))
@@ -116,13 +154,18 @@ class AdapterBank:
     def plan(self, route: Route) -> BatchPlan:
         with self._lock:
             infos = [self._info.get(s) for s in route.slots.tolist()]
-            return BatchPlan(route, self._stacks, infos)
+            st = self._stacks
+            snapshot = _Stacks(st.down_w, st.down_b, st.up_w, st.up_b, st.norms, dict(st.lora))
+            return BatchPlan(route, snapshot, infos)
 
     def _clear_row(self, row: int) -> None:
         st = self._stacks
         for t in (st.down_w, st.down_b, st.up_w, st.up_b):
             t[:, row].zero_()
         st.norms[:, row] = self._base_norms
+        for a, b in st.lora.values():
+            a[row].zero_()
+            b[row].zero_()
 
     def _grow(self, rows_needed: int, k: int) -> None:
         st = self._stacks
@@ -138,6 +181,11 @@ class AdapterBank:
         new.up_w[:, :rows, :cur_k, :] = st.up_w
         new.up_b[:, :rows] = st.up_b
         new.norms[:, :rows] = st.norms
+        for i, (a, b) in st.lora.items():
+            big_a = torch.zeros(new_rows, *a.shape[1:], device=self.device, dtype=self.dtype)
+            big_b = torch.zeros(new_rows, *b.shape[1:], device=self.device, dtype=self.dtype)
+            big_a[:rows], big_b[:rows] = a, b
+            new.lora[i] = (big_a, big_b)
         self._stacks = new
 
     def _allocate(self, rows: int, k: int) -> _Stacks:
@@ -150,6 +198,7 @@ class AdapterBank:
             torch.zeros(s, rows, k, d, **kw),
             torch.zeros(s, rows, d, **kw),
             norms,
+            {},
         )
 
 
@@ -163,10 +212,12 @@ class BatchPlan:
         self._infos = infos
         present = [i for i in infos if i is not None]
         self._sites = frozenset().union(*(i.sites for i in present))
+        self._linears = frozenset().union(*(i.linears for i in present))
         self.use_norms = any(i.has_norms for i in present)
         self._k = max((i.k for i in present), default=0)
         self._acts = self._groups([i.activation if i else None for i in infos], ACTIVATIONS)
         self._placements = self._groups([i.placement if i else None for i in infos], {p: p for p in PLACEMENTS})
+        self._lora_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._site_cache: dict[int, tuple[torch.Tensor, ...]] = {}
         self._norm_cache: dict[int, torch.Tensor] = {}
         self._mask_cache: dict[int, torch.Tensor | None] = {}
@@ -202,6 +253,27 @@ class BatchPlan:
             has = [i is not None and site in i.sites for i in self._infos]
             self._mask_cache[site] = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
         return self._mask_cache[site]
+
+    def lora_acts_at(self, linear: int) -> bool:
+        return linear in self._linears
+
+    def lora_delta(self, linear: int, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA update `s·(x A)B` of projection `linear` for each row's task, for input x [R, T, in]."""
+        a, b, rows = self._lora_weights(linear)
+        shape = x.shape
+        self.route.expand(shape[0])  # checks that the rows divide; beams ride with their request
+        out = torch.bmm(torch.bmm(x.reshape(self.route.rows, -1, shape[-1]), a), b)  # [B, m·T, out]
+        if rows is not None:
+            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out.reshape(*shape[:-1], b.shape[-1])
+
+    def _lora_weights(self, linear: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if linear not in self._lora_cache:
+            a, b = self._stacks.lora[linear]
+            has = [i is not None and linear in i.linears for i in self._infos]
+            mask = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
+            self._lora_cache[linear] = (a.index_select(0, self._rows), b.index_select(0, self._rows), mask)
+        return self._lora_cache[linear]
 
     def norm_weight(self, norm: int) -> torch.Tensor:
         """Per-row RMSNorm weights [B, 1, d] of norm `norm`."""

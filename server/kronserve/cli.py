@@ -80,7 +80,7 @@ def adapter_init(
     """Write a new adapter for BACKBONE, initialized as its paper does (or randomly with --std)."""
     from .backbone import load_backbone
     from .formats.native import AdapterFile, save
-    from .methods import Geometry, init_tensors, preset
+    from .methods import init_tensors, preset
     from .t5_sites import base_norms
 
     spec = preset(
@@ -95,7 +95,7 @@ def adapter_init(
     )
     bb = load_backbone(backbone, device="cpu")
     fp = bb.fingerprint
-    geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+    geometry = fp.geometry
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
     save(AdapterFile(task, spec, fp, tensors), out)

@@ -17,7 +17,6 @@ from .backbone import Backbone
 from .bank import AdapterBank
 from .errors import InvalidRequest
 from .formats.native import AdapterFile
-from .methods import Geometry
 from .metrics import Metrics
 from .registry import Entry, Registry
 from .routing import Route
@@ -50,7 +49,7 @@ class Engine:
     ) -> None:
         fp = backbone.fingerprint
         self.backbone = backbone
-        self.geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+        self.geometry = fp.geometry
         self.max_input_tokens = max_input_tokens
         model = backbone.model
         self.bank = AdapterBank(

@@ -22,7 +22,7 @@ from .bank import AdapterBank
 from .errors import BankFull, KronserveError, UnknownTask
 from .formats import native
 from .formats.native import AdapterFile
-from .methods import AdapterSpec
+from .methods import MethodSpec
 from .metrics import Metrics
 from .routing import BARE
 from .store import AdapterStore, check_task_id, sha256_of
@@ -38,7 +38,7 @@ class Entry:
     version: int
     sha256: str
     slot: int
-    spec: AdapterSpec
+    spec: MethodSpec
     params: int
 
     def describe(self) -> dict[str, object]:

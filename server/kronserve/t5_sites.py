@@ -86,6 +86,25 @@ class RoutedNorm(nn.Module):
         return (w * x.reshape(w.shape[0], -1, shape[-1])).reshape(shape)
 
 
+class RoutedLinear(nn.Module):
+    """A frozen projection plus each row's LoRA update (PEFT's `x Wᵀ + s·(x Aᵀ)Bᵀ`), when a row has one."""
+
+    def __init__(self, index: int, router: SiteRouter, inner: nn.Linear) -> None:
+        super().__init__()
+        self.index, self.router, self.inner = index, router, inner
+
+    @property
+    def weight(self) -> nn.Parameter:  # T5DenseActDense reads `wo.weight.dtype`
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        plan = self.router.plan
+        if plan is None or not plan.lora_acts_at(self.index):
+            return y
+        return y + plan.lora_delta(self.index, x)
+
+
 def sublayers(model: T5ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
     """(site name, sublayer) in the bank's site order."""
     for stack_name in ("encoder", "decoder"):
@@ -119,4 +138,19 @@ def install_sites(model: T5ForConditionalGeneration, geometry: Geometry) -> Site
     for stack in ("encoder", "decoder"):
         s = getattr(model, stack)
         s.final_layer_norm = RoutedNorm(norm_index[f"layer_norm.{stack}.final"], router, s.final_layer_norm)
+    _install_linears(model, geometry, router)
     return router
+
+
+def _install_linears(model: T5ForConditionalGeneration, geometry: Geometry, router: SiteRouter) -> None:
+    """Wrap every projection LoRA can target (q, k, v, o of each attention; wi, wo of each feed-forward)."""
+    linear_index = {name: i for i, name in enumerate(geometry.all_linears())}
+    for name, layer in sublayers(model):
+        if name.endswith(".ffn"):
+            owner, kinds = layer.DenseReluDense, ("wi", "wo")
+        else:
+            owner = layer.EncDecAttention if name.endswith(".cross") else layer.SelfAttention
+            kinds = ("q", "k", "v", "o")
+        for kind in kinds:
+            if isinstance(getattr(owner, kind, None), nn.Linear):  # gated T5 v1.1 has wi_0/wi_1: no `wi` target
+                setattr(owner, kind, RoutedLinear(linear_index[f"{name}.{kind}"], router, getattr(owner, kind)))

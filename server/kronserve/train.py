@@ -28,7 +28,7 @@ from .backbone import Backbone, load_backbone
 from .bank import ACTIVATIONS
 from .errors import InvalidRequest, KronserveError
 from .formats.native import AdapterFile, save
-from .methods import AdapterSpec, Geometry, init_tensors, preset
+from .methods import AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
 from .store import check_task_id
 from .t5_sites import SiteRouter, base_norms, install_sites
 
@@ -120,24 +120,38 @@ class TrainablePlan:
     """
 
     def __init__(
-        self, spec: AdapterSpec, geometry: Geometry, tensors: dict[str, torch.Tensor], device: torch.device
+        self, spec: MethodSpec, geometry: Geometry, tensors: dict[str, torch.Tensor], device: torch.device
     ) -> None:
         self.spec = spec
         self.params = {n: nn.Parameter(t.detach().to(device, torch.float32).clone()) for n, t in tensors.items()}
-        index = {s: i for i, s in enumerate(geometry.all_sites())}
-        self._sites = {index[s]: s for s in spec.active_sites(geometry)}
+        self._sites = _indexed(
+            geometry.all_sites(), spec.active_sites(geometry) if isinstance(spec, AdapterSpec) else []
+        )
+        self._linears = _indexed(
+            geometry.all_linears(), spec.active_linears(geometry) if isinstance(spec, LoraSpec) else []
+        )
         self._norms = geometry.all_norms()
-        self._act = ACTIVATIONS[spec.activation]
         self.use_norms = spec.layer_norms
 
     def acts_at(self, site: int) -> bool:
         return site in self._sites
 
     def delta(self, site: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        a = self.spec.dense(self.params, self._sites[site])
-        z = adapter_input(self.spec.placement, x, f).to(torch.float32)
-        out = self._act(z @ a.down_w + a.down_b) @ a.up_w + a.up_b
+        spec = self.spec
+        assert isinstance(spec, AdapterSpec)  # only bottleneck specs have sites
+        a = spec.dense(self.params, self._sites[site])
+        z = adapter_input(spec.placement, x, f).to(torch.float32)
+        out = ACTIVATIONS[spec.activation](z @ a.down_w + a.down_b) @ a.up_w + a.up_b
         return out.to(x.dtype)
+
+    def lora_acts_at(self, linear: int) -> bool:
+        return linear in self._linears
+
+    def lora_delta(self, linear: int, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        assert isinstance(spec, LoraSpec)  # only LoRA specs have projections
+        a, b = spec.low_rank(self.params, self._linears[linear])
+        return (x.to(torch.float32) @ a @ b).to(x.dtype)
 
     def norm_weight(self, norm: int) -> torch.Tensor:
         """The task's weight as [1, 1, d]: every row is the same task, so it broadcasts."""
@@ -149,6 +163,12 @@ class TrainablePlan:
     def snapshot(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies, so keeping the best epoch survives later optimizer steps."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+
+
+def _indexed(order: list[str], names: list[str]) -> dict[int, str]:
+    """Position in the backbone's fixed order (what the installed modules pass) -> name in the file."""
+    index = {name: i for i, name in enumerate(order)}
+    return {index[n]: n for n in names}
 
 
 def adapter_input(placement: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -277,7 +297,7 @@ class TrainConfig:
             if not ok:
                 raise InvalidRequest(message)
 
-    def spec(self) -> AdapterSpec:
+    def spec(self) -> MethodSpec:
         return preset(
             self.method,
             reduction_factor=self.reduction_factor,
@@ -378,11 +398,11 @@ def train(
     )
 
 
-def open_session(source: str, spec: AdapterSpec, cfg: TrainConfig) -> Session:
+def open_session(source: str, spec: MethodSpec, cfg: TrainConfig) -> Session:
     """A float32 backbone of its own (the sites install into it), frozen, with the paper-initialized adapter."""
     backbone = load_backbone(source, device=cfg.device, dtype="float32")
     fp = backbone.fingerprint
-    geometry = Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+    geometry = fp.geometry
     norms = {k: v.float().cpu() for k, v in base_norms(backbone.model).items()}
     tensors = init_tensors(spec, geometry, seed=cfg.seed, base_norms=norms)
     backbone.model.requires_grad_(False)

@@ -2,7 +2,7 @@
 
 Metadata (all strings, as safetensors requires): `format` = "kronserve-adapter", `format_version`,
 `task`, `spec` (JSON of the method spec), `backbone` (JSON of the backbone fingerprint). Tensors are
-named as `AdapterSpec.tensor_shapes` says. Everything is checked before anything is served.
+named as `MethodSpec.tensor_shapes` says. Everything is checked before anything is served.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from ..backbone import Fingerprint
 from ..errors import InvalidAdapter, InvalidSpec, UnsupportedFormat
-from ..methods import AdapterSpec, Geometry, parse_spec
+from ..methods import Geometry, MethodSpec, parse_spec
 
 FORMAT = "kronserve-adapter"
 FORMAT_VERSION = "1"
@@ -31,14 +31,13 @@ class AdapterFile:
     """A validated adapter: its task, method spec, the backbone it belongs to, and float32 tensors."""
 
     task: str
-    spec: AdapterSpec
+    spec: MethodSpec
     fingerprint: Fingerprint
     tensors: dict[str, torch.Tensor]
 
     @property
     def geometry(self) -> Geometry:
-        fp = self.fingerprint
-        return Geometry(fp.d_model, fp.num_layers, fp.num_decoder_layers)
+        return self.fingerprint.geometry
 
 
 def dumps(adapter: AdapterFile) -> bytes:
@@ -122,7 +121,7 @@ def _header(data: bytes) -> dict:
     return header
 
 
-def check_tensors(spec: AdapterSpec, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def check_tensors(spec: MethodSpec, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every expected tensor present with its shape, a float dtype and finite values; none extra.
 
     Returns float32 copies. Errors name the offending tensor.
@@ -161,7 +160,7 @@ def _json_field(metadata: dict[str, str], key: str) -> dict[str, Any]:
     return value
 
 
-def _spec_of(metadata: dict[str, str]) -> AdapterSpec:
+def _spec_of(metadata: dict[str, str]) -> MethodSpec:
     try:
         return parse_spec(_json_field(metadata, "spec"))
     except InvalidSpec as e:

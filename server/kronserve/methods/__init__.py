@@ -11,13 +11,14 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ..errors import InvalidSpec
-from .base import AdapterSpec, DenseAdapter, Geometry
+from .base import AdapterSpec, DenseAdapter, Geometry, MethodSpec
 from .bottleneck import BottleneckSpec
+from .lora import LoraSpec
 from .phm import PHMSpec
 
 _COMPACTER = dict(placement="houlsby", reduction_factor=32, activation="gelu_new", phm_dim=4, rank=1)
 
-METHODS: dict[str, tuple[type[AdapterSpec], dict[str, Any]]] = {
+METHODS: dict[str, tuple[type[MethodSpec], dict[str, Any]]] = {
     "compacter": (PHMSpec, dict(_COMPACTER, sites=("mh", "ffn"))),
     "compacter++": (PHMSpec, dict(_COMPACTER, sites=("ffn",))),
     "phm": (PHMSpec, dict(_COMPACTER, sites=("mh", "ffn"), rank=None, shared_rule=False)),
@@ -29,13 +30,14 @@ METHODS: dict[str, tuple[type[AdapterSpec], dict[str, Any]]] = {
         BottleneckSpec,
         dict(placement="pfeiffer", sites=("ffn",), reduction_factor=16, activation="relu"),
     ),
+    "lora": (LoraSpec, dict(rank=8, alpha=8.0, targets=("q", "v"))),  # PEFT's defaults on T5
 }
 
-AnySpec = Annotated[PHMSpec | BottleneckSpec, Field(discriminator="method")]
-_SPEC_ADAPTER: TypeAdapter[AdapterSpec] = TypeAdapter(AnySpec)
+AnySpec = Annotated[PHMSpec | BottleneckSpec | LoraSpec, Field(discriminator="method")]
+_SPEC_ADAPTER: TypeAdapter[MethodSpec] = TypeAdapter(AnySpec)
 
 
-def preset(method: str, **overrides: Any) -> AdapterSpec:
+def preset(method: str, **overrides: Any) -> MethodSpec:
     """The paper's configuration of `method`, with `overrides` (None values ignored)."""
     if method not in METHODS:
         raise InvalidSpec(f"unknown method {method!r}; known: {sorted(METHODS)}")
@@ -44,7 +46,7 @@ def preset(method: str, **overrides: Any) -> AdapterSpec:
     return parse_spec({"method": method, **fields}, cls=cls)
 
 
-def parse_spec(data: dict[str, Any], cls: type[AdapterSpec] | None = None) -> AdapterSpec:
+def parse_spec(data: dict[str, Any], cls: type[MethodSpec] | None = None) -> MethodSpec:
     """Validate a spec dict; the error names each bad field."""
     try:
         return cls.model_validate(data) if cls else _SPEC_ADAPTER.validate_python(data)
@@ -54,7 +56,7 @@ def parse_spec(data: dict[str, Any], cls: type[AdapterSpec] | None = None) -> Ad
 
 
 def init_tensors(
-    spec: AdapterSpec,
+    spec: MethodSpec,
     geometry: Geometry,
     seed: int = 0,
     std: float | None = None,
@@ -70,10 +72,7 @@ def init_tensors(
     if std is not None:
         out = {n: torch.randn(s, generator=gen) * std for n, s in shapes.items() if not n.startswith("layer_norm.")}
     else:
-        out = spec.init_shared(geometry, gen)
-        site_shapes = spec.site_shapes(geometry)
-        for site in spec.active_sites(geometry):
-            out.update({f"{site}.{k}": v for k, v in spec.init_site(site_shapes, gen).items()})
+        out = spec.init_own(geometry, gen)
     if spec.layer_norms:
         if base_norms is None:
             raise InvalidSpec("layer_norms needs the backbone's norm weights to start from")
@@ -89,6 +88,8 @@ __all__ = [
     "BottleneckSpec",
     "DenseAdapter",
     "Geometry",
+    "LoraSpec",
+    "MethodSpec",
     "PHMSpec",
     "init_tensors",
     "parse_spec",

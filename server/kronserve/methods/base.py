@@ -24,13 +24,34 @@ ENCODER_KINDS: tuple[SiteKind, ...] = ("mh", "ffn")
 DECODER_KINDS: tuple[SiteKind, ...] = ("mh", "cross", "ffn")
 
 
+LinearKind = Literal["q", "k", "v", "o", "wi", "wo"]
+ATTENTION_LINEARS: tuple[LinearKind, ...] = ("q", "k", "v", "o")
+FFN_LINEARS: tuple[LinearKind, ...] = ("wi", "wo")
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """The backbone numbers a spec's shapes depend on."""
+    """The backbone numbers a spec's shapes depend on (`d_attn` = heads x d_kv; 0 where unknown)."""
 
     d_model: int
     num_layers: int
     num_decoder_layers: int
+    d_ff: int = 0
+    d_attn: int = 0
+
+    def all_linears(self) -> list[str]:
+        """Every projection LoRA can target, `{stack}.{block}.{mh|cross|ffn}.{q|k|v|o|wi|wo}`, in a fixed order."""
+        out = []
+        for site in self.all_sites():
+            kinds = FFN_LINEARS if site.endswith(".ffn") else ATTENTION_LINEARS
+            out += [f"{site}.{k}" for k in kinds]
+        return out
+
+    def linear_shape(self, linear: str) -> tuple[int, int]:
+        """(in, out) features of a projection."""
+        kind = linear.rsplit(".", 1)[1]
+        d, a, f = self.d_model, self.d_attn, self.d_ff
+        return {"q": (d, a), "k": (d, a), "v": (d, a), "o": (a, d), "wi": (d, f), "wo": (f, d)}[kind]
 
     def all_sites(self) -> list[str]:
         """Every site the backbone has, in a fixed order (the bank's site index)."""
@@ -66,21 +87,49 @@ class DenseAdapter:
     up_b: torch.Tensor
 
 
-class AdapterSpec(BaseModel):
-    """Options every method has. Subclasses add their own fields, shapes, init and dense form."""
+class MethodSpec(BaseModel):
+    """What every method's spec has: a name, layers left out, optional per-task norms, its tensors."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: str
+    leave_out: tuple[int, ...] = ()
+    layer_norms: bool = False
+
+    family: ClassVar[str]
+
+    def check_geometry(self, geometry: Geometry) -> None:
+        total = geometry.num_layers + geometry.num_decoder_layers
+        bad = [i for i in self.leave_out if not 0 <= i < total]
+        if bad:
+            raise InvalidSpec(f"leave_out has layer indices outside 0..{total - 1}: {bad}")
+
+    def tensor_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        """Every tensor a file of this spec holds, with its shape."""
+        shapes = self.own_shapes(geometry)
+        if self.layer_norms:
+            shapes.update({n: (geometry.d_model,) for n in geometry.all_norms()})
+        return shapes
+
+    def param_count(self, geometry: Geometry) -> int:
+        return sum(_numel(s) for s in self.tensor_shapes(geometry).values())
+
+    def own_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def init_own(self, geometry: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The method's own initialization of its tensors (layer norms aside)."""
+        raise NotImplementedError
+
+
+class AdapterSpec(MethodSpec):
+    """Bottleneck-shaped adapters at sublayer outputs. Subclasses add their fields, shapes, init and dense form."""
+
     placement: Placement
     sites: tuple[SiteKind, ...] = Field(min_length=1)
     reduction_factor: int = Field(ge=1)
     activation: Activation
     scaling: float = Field(default=1.0, allow_inf_nan=False, ge=-1e4, le=1e4)
-    leave_out: tuple[int, ...] = ()
-    layer_norms: bool = False
-
-    family: ClassVar[str]
 
     @field_validator("sites")
     @classmethod
@@ -94,13 +143,10 @@ class AdapterSpec(BaseModel):
 
     def check_geometry(self, geometry: Geometry) -> None:
         """Raise InvalidSpec naming the field that does not fit this backbone."""
+        super().check_geometry(geometry)
         d = geometry.d_model
         if d % self.reduction_factor:
             raise InvalidSpec(f"reduction_factor {self.reduction_factor} does not divide d_model {d}")
-        total = geometry.num_layers + geometry.num_decoder_layers
-        bad = [i for i in self.leave_out if not 0 <= i < total]
-        if bad:
-            raise InvalidSpec(f"leave_out has layer indices outside 0..{total - 1}: {bad}")
         if not self.active_sites(geometry):
             raise InvalidSpec("sites and leave_out leave no site for this backbone")
 
@@ -112,17 +158,18 @@ class AdapterSpec(BaseModel):
             if s.rsplit(".", 1)[1] in self.sites and geometry.global_layer(s) not in self.leave_out
         ]
 
-    def tensor_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
-        """Every tensor a file of this spec holds, with its shape."""
+    def own_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
         shapes = self.shared_shapes(geometry)
         for site in self.active_sites(geometry):
             shapes.update({f"{site}.{k}": v for k, v in self.site_shapes(geometry).items()})
-        if self.layer_norms:
-            shapes.update({n: (geometry.d_model,) for n in geometry.all_norms()})
         return shapes
 
-    def param_count(self, geometry: Geometry) -> int:
-        return sum(_numel(s) for s in self.tensor_shapes(geometry).values())
+    def init_own(self, geometry: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        out = self.init_shared(geometry, gen)
+        site_shapes = self.site_shapes(geometry)
+        for site in self.active_sites(geometry):
+            out.update({f"{site}.{k}": v for k, v in self.init_site(site_shapes, gen).items()})
+        return out
 
     # Per-family parts.
     def shared_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
