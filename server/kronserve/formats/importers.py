@@ -1,9 +1,11 @@
 """Which format an upload is, and its conversion to a native adapter.
 
-Native: one kronserve `.safetensors`. AdapterHub: `adapter_config.json` + `pytorch_adapter.bin` or
-`adapter.safetensors` (head files ignored). Files are matched by base name, so a client may send a
-directory's files as they are. Importers produce the native spec + tensors and nothing else; the
-result is checked like any native file before it is served.
+- native: one kronserve `.safetensors`;
+- AdapterHub: `adapter_config.json` + `pytorch_adapter.bin` or `adapter.safetensors` (head files ignored);
+- PEFT LoRA: `adapter_config.json` (with `peft_type`) + `adapter_model.safetensors`;
+- the Compacter paper's code: a lone whole-model `pytorch_model.bin`.
+Files are matched by base name, so a client may send a directory's files as they are. Importers produce the
+native spec + tensors and nothing else; the result is checked like any native file before it is served.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from pathlib import Path
 
 from ..backbone import Fingerprint
 from ..errors import BadRequest, UnsupportedFormat
-from . import adapterhub, native
+from . import adapterhub, native, paper, peft
 from .native import AdapterFile
 from .weights import load_weights
 
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 IGNORED = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors", "README.md")
 
 
@@ -34,16 +37,42 @@ def to_adapter(parts: dict[str, bytes], task: str, fingerprint: Fingerprint, all
         raise BadRequest("no adapter files in the upload")
     if "adapter_config.json" in parts:
         cfg = adapterhub.parse_config(parts["adapter_config.json"])
+        if peft.is_peft_config(cfg):
+            return _from_peft(cfg, parts, task, fingerprint, allow_pickle)
         if adapterhub.is_adapterhub_config(cfg):
             return _from_adapterhub(cfg, parts, task, fingerprint, allow_pickle)
-        raise UnsupportedFormat("adapter_config.json is not an AdapterHub adapter config")
+        raise UnsupportedFormat("adapter_config.json is neither an AdapterHub nor a PEFT adapter config")
     if len(parts) == 1:
-        adapter = native.loads(next(iter(parts.values())), fingerprint)
+        name, data = next(iter(parts.items()))
+        if name.endswith((".bin", ".pt", ".pth")):
+            return _from_paper(load_weights(data, name, allow_pickle), task, fingerprint)
+        adapter = native.loads(data, fingerprint)
         return AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
     raise BadRequest(
         f"cannot tell the format of files {sorted(parts)}: send one native .safetensors file or a "
         "saved adapter directory with its adapter_config.json"
     )
+
+
+def _from_paper(state: dict, task: str, fingerprint: Fingerprint) -> AdapterFile:
+    if not paper.is_paper_checkpoint(state):
+        raise UnsupportedFormat(
+            "a lone .bin file that is not a Compacter paper checkpoint (no adapter_controller keys)"
+        )
+    names = {k.split(".adapters.")[1].split(".")[0] for k in state if ".adapter_controller.adapters." in k}
+    spec, tensors = paper.import_paper(state, fingerprint.geometry, task if task in names else None)
+    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
+
+
+def _from_peft(
+    cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
+) -> AdapterFile:
+    weights = next((n for n in PEFT_WEIGHTS if n in parts), None)
+    if weights is None:
+        raise BadRequest(f"PEFT adapter without weights: expected one of {list(PEFT_WEIGHTS)}")
+    state = load_weights(parts[weights], weights, allow_pickle)
+    spec, tensors = peft.import_lora(cfg, state, fingerprint.geometry)
+    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
 
 
 def _from_adapterhub(
