@@ -47,7 +47,7 @@ from transformers import ByT5Tokenizer, T5ForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "tests" / "fixtures" / "golden"
-TOL = 1e-4        # summed log-likelihood per case
+TOL = 1e-4  # summed log-likelihood per case
 TOKEN_TOL = 5e-5  # each token's log-probability (a correct float32 implementation is within ~1e-5)
 
 ACT = {
@@ -74,9 +74,14 @@ def adapterhub_modules(fdir: Path, meta: dict):
     cfg, name = cfgfile["config"], cfgfile["name"]
     sd = load_weights(fdir / meta["weights_file"])
     # strip an optional "transformer." prefix (saved from adapters' T5AdapterModel)
-    sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
-    for k, want in (("ln_before", False), ("ln_after", False), ("use_gating", False),
-                    ("residual_before_ln", True), ("cross_adapter", False)):
+    sd = {k[len("transformer.") :] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    for k, want in (
+        ("ln_before", False),
+        ("ln_after", False),
+        ("use_gating", False),
+        ("residual_before_ln", True),
+        ("cross_adapter", False),
+    ):
         if cfg[k] != want:
             raise Refused(f"{k}={cfg[k]} not implemented in this reference")
     rule = None
@@ -155,15 +160,18 @@ def peft_modules(fdir: Path, meta: dict):
     pairs = {}
     for k, v in sd.items():
         assert k.startswith("base_model.model."), k
-        mod, ab = k[len("base_model.model."):].rsplit(".lora_", 1)
+        mod, ab = k[len("base_model.model.") :].rsplit(".lora_", 1)
         pairs.setdefault(mod, {})[ab.split(".")[0]] = v
 
     def install(model):
         handles = []
         for mod, t in pairs.items():
             A, B = t["A"], t["B"]
-            handles.append(model.get_submodule(mod).register_forward_hook(
-                lambda m, args, out, A=A, B=B: out + (args[0] @ A.T @ B.T) * s))
+            handles.append(
+                model.get_submodule(mod).register_forward_hook(
+                    lambda m, args, out, A=A, B=B: out + (args[0] @ A.T @ B.T) * s
+                )
+            )
         return handles
 
     return install
@@ -179,8 +187,9 @@ def score(model, tok, cases):
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).logits
         tlp = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1))[0, :, 0]
         ll = float(tlp.sum())
-        gen = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8,
-                             num_beams=1, do_sample=False)
+        gen = model.generate(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8, num_beams=1, do_sample=False
+        )
         got.append((ll, gen[0].tolist(), tlp.tolist()))
     return got
 
@@ -210,6 +219,7 @@ def main():
         fdir = args.dir / meta["dir"]
         try:
             if meta["format"] == "hf_t5_backbone":
+
                 def install(m):
                     return []
             elif meta["format"] == "adapterhub":

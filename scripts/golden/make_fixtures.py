@@ -261,8 +261,9 @@ def add_float64_reference(model, tok, cases: list, what: str):
 def assert_same_cases(a: list, b: list, what: str, tol: float = 1e-5):
     for ca, cb in zip(a, b, strict=True):
         if abs(ca["loglik"] - cb["loglik"]) > tol or ca["greedy_ids"] != cb["greedy_ids"]:
-            raise SystemExit(f"{what}: scores differ: {ca['loglik']} vs {cb['loglik']}, "
-                             f"{ca['greedy_ids']} vs {cb['greedy_ids']}")
+            raise SystemExit(
+                f"{what}: scores differ: {ca['loglik']} vs {cb['loglik']}, {ca['greedy_ids']} vs {cb['greedy_ids']}"
+            )
 
 
 @torch.no_grad()
@@ -311,8 +312,11 @@ def head_info(d: Path, model) -> dict:
     if not wf:
         return {"head_files": files, "head_keys": {}}
     keys = tensor_keys(wf[0])
-    sd = load_file(str(wf[0])) if wf[0].suffix == ".safetensors" else torch.load(
-        str(wf[0]), map_location="cpu", weights_only=True)
+    sd = (
+        load_file(str(wf[0]))
+        if wf[0].suffix == ".safetensors"
+        else torch.load(str(wf[0]), map_location="cpu", weights_only=True)
+    )
     shared = model.get_input_embeddings().weight.detach()
     equal = set(sd) == {"lm_head.weight"} and torch.equal(sd["lm_head.weight"], shared)
     if not equal:
@@ -338,8 +342,9 @@ def build_backbone(out: Path, tok_dir: Path) -> dict:
     return {"in_memory_model": model, "tokenizer": tok}
 
 
-def adapterhub_fixture(out: Path, tok, name: str, cfg_factory, use_safetensors: bool, seed: int, entries: dict,
-                       std: float = NOISE_STD):
+def adapterhub_fixture(
+    out: Path, tok, name: str, cfg_factory, use_safetensors: bool, seed: int, entries: dict, std: float = NOISE_STD
+):
     log(f"[adapterhub] {name}")
     model = load_backbone()
     adapters.init(model)
@@ -445,8 +450,11 @@ def adapterhub_special_compacters(out: Path, tok, entries: dict, compacter_model
     am = T5AdapterModel.from_pretrained("backbone")
     am.add_adapter(name, config=CompacterConfig())
     am.eval()
-    src = {k: v for k, v in compacter_model.state_dict().items()
-           if f".adapters.{name}." in k or k.startswith(f"shared_parameters.{name}.")}
+    src = {
+        k: v
+        for k, v in compacter_model.state_dict().items()
+        if f".adapters.{name}." in k or k.startswith(f"shared_parameters.{name}.")
+    }
     tgt = am.state_dict()
     with torch.no_grad():
         for k, v in src.items():

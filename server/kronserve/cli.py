@@ -10,6 +10,7 @@ import typer
 
 from .backbone import SHAPES
 from .errors import KronserveError
+from .train import train_command
 
 app = typer.Typer(
     help="kronserve: multi-task Compacter-family adapter serving on one frozen T5.",
@@ -20,6 +21,7 @@ backbone_app = typer.Typer(help="Backbones.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapter files.", no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
 app.add_typer(adapter_app, name="adapter")
+app.command("train")(train_command)
 
 
 @backbone_app.command("tiny")
@@ -62,7 +64,7 @@ def serve(
 @adapter_app.command("init")
 def adapter_init(
     out: Path,
-    method: Annotated[str, typer.Option(help="compacter, compacter++, phm, houlsby or pfeiffer")] = "compacter++",
+    method: Annotated[str, typer.Option(help="compacter, compacter++, phm, houlsby, pfeiffer or lora")] = "compacter++",
     backbone: Annotated[str, typer.Option(help="hub id or directory of the backbone")] = ...,  # type: ignore[assignment]
     task: Annotated[str, typer.Option(help="task id the adapter serves")] = ...,  # type: ignore[assignment]
     reduction_factor: int | None = None,
@@ -71,6 +73,8 @@ def adapter_init(
     placement: str | None = None,
     activation: str | None = None,
     scaling: float | None = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha")] = None,
+    targets: Annotated[str | None, typer.Option(help="LoRA projections, comma-separated: q,k,v,o,wi,wo")] = None,
     layer_norms: Annotated[bool, typer.Option(help="carry per-task T5 layer norms")] = False,
     seed: int = 0,
     std: Annotated[
@@ -91,6 +95,8 @@ def adapter_init(
         placement=placement,
         activation=activation,
         scaling=scaling,
+        alpha=alpha,
+        targets=tuple(targets.split(",")) if targets else None,
         layer_norms=layer_norms or None,
     )
     bb = load_backbone(backbone, device="cpu")

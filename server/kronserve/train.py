@@ -1,14 +1,16 @@
 """Training one task's adapter on the frozen backbone, through the very wiring the server serves with.
 
-The trainer installs the same `AdapterSite`/`RoutedNorm` modules as the engine and drives them with a
-`TrainablePlan`, whose deltas come from the file's own tensors through `spec.dense`. So the tensors
-that are optimized are exactly the tensors written to the native file, and the server's outputs on
-that file match the trainer's held-out predictions (one code path, not a re-implementation).
+The trainer installs the same routed modules as the engine (`install_sites`) and drives them with a
+`TrainablePlan`, whose deltas come from the file's own tensors through `spec.dense` (`spec.low_rank`
+for LoRA), the functions the bank materializes a loaded file with. So the tensors that are optimized
+are exactly the tensors written to the native file, and the server's outputs on that file match the
+trainer's held-out predictions (one code path, not a re-implementation).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -28,7 +30,7 @@ from .backbone import Backbone, load_backbone
 from .bank import ACTIVATIONS
 from .errors import InvalidRequest, KronserveError
 from .formats.native import AdapterFile, save
-from .methods import AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
+from .methods import METHODS, AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
 from .store import check_task_id
 from .t5_sites import SiteRouter, base_norms, install_sites
 
@@ -65,7 +67,7 @@ def read_examples(path: str | Path) -> list[Example]:
 
 def _read_jsonl(text: str, name: str) -> list[Example]:
     examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -79,7 +81,7 @@ def _read_jsonl(text: str, name: str) -> list[Example]:
 
 
 def _read_csv(text: str, name: str) -> list[Example]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
     columns = reader.fieldnames or []
     missing = [c for c in ("input", "target") if c not in columns]
     if missing:
@@ -96,7 +98,7 @@ def _example(row: dict[str, Any], where: str) -> Example:
     return Example(row["input"], row["target"])
 
 
-def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], ...]:
+def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held-out): a seeded shuffle, so a rerun holds out the same rows; at least one of each."""
     order = list(examples)
     random.Random(seed).shuffle(order)
@@ -114,9 +116,10 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
 class TrainablePlan:
     """The `BatchPlan` interface for one task on every row, differentiable in the adapter's tensors.
 
-    `params` holds the native file's tensors by their native names, as float32 leaves: `spec.dense`
-    turns them into each site's bottleneck on every call, so the gradient reaches the stored form
-    (PHM rule and factors, not a materialized matrix) and nothing needs converting before `save`.
+    `params` holds the native file's tensors by their native names, as float32 leaves. `spec.dense`
+    (`spec.low_rank` for LoRA) turns them into each site's weights on every call, as the bank does on
+    load, so the gradient reaches the stored form (PHM rule and factors, not a materialized matrix)
+    and nothing needs converting before `save`.
     """
 
     def __init__(
@@ -280,7 +283,7 @@ class TrainConfig:
     patience: int = 3
     max_new_tokens: int | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     progress: bool = True
 
     def check(self) -> None:
@@ -374,6 +377,8 @@ def train(
     cfg = config or TrainConfig()
     cfg.check()
     check_task_id(task)
+    if Path(out).is_dir():
+        raise InvalidRequest(f"output {str(out)!r} is a directory; give the path of the .safetensors file to write")
     spec = cfg.spec()
     examples = read_examples(data)
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
@@ -382,6 +387,7 @@ def train(
     history, best = fit(session, train_set, eval_set, max_new, cfg)
     fp = session.backbone.fingerprint
     adapter = AdapterFile(task, spec, fp, best.tensors)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save(adapter, out)
     params = sum(p.numel() for p in session.plan.parameters())
     return TrainResult(
@@ -418,24 +424,27 @@ def longest_target(session: Session, examples: Sequence[Example]) -> int:
 def fit(
     session: Session, train_set: list[Example], eval_set: list[Example], max_new_tokens: int, cfg: TrainConfig
 ) -> tuple[list[EpochStats], Best]:
-    # The backbone stays in eval mode: it is frozen, and its dropout would only add noise to the adapter's signal.
-    optimizer = torch.optim.AdamW(session.plan.parameters(), lr=cfg.lr, weight_decay=0.0)  # no decay pulling norms to 0
+    """Epochs until `epochs` or until `patience` epochs pass without a better held-out accuracy.
+
+    The backbone stays in eval mode: it is frozen, and its dropout would only add noise to what the
+    adapter is fitted to. No weight decay: it would pull per-task norm weights towards 0, not towards
+    the backbone's.
+    """
+    optimizer = torch.optim.AdamW(session.plan.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     history: list[EpochStats] = []
     best = Best()
     with tqdm(total=cfg.epochs * steps, desc="train", unit="step", disable=not cfg.progress) as bar:
         for epoch in range(1, cfg.epochs + 1):
-            order = rng.sample(train_set, len(train_set))
-            loss = run_epoch(session, optimizer, order, cfg.batch_size, bar)
-            stats = EpochStats(epoch, loss, None, None)
-            if eval_set:
-                ev = evaluate(session, eval_set, cfg.batch_size, max_new_tokens)
-                best.offer(epoch, ev, session.plan)
-                stats = EpochStats(epoch, loss, ev.loss, ev.accuracy)
-                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", eval_acc=f"{ev.accuracy:.3f}")
-            history.append(stats)
-            if eval_set and epoch - best.last_gain >= cfg.patience:
+            loss = run_epoch(session, optimizer, rng.sample(train_set, len(train_set)), cfg.batch_size, bar)
+            ev = evaluate(session, eval_set, cfg.batch_size, max_new_tokens) if eval_set else None
+            history.append(EpochStats(epoch, loss, ev.loss if ev else None, ev.accuracy if ev else None))
+            if ev is None:
+                continue
+            best.offer(epoch, ev, session.plan)
+            bar.set_description(f"train (epoch {epoch}: eval acc {ev.accuracy:.3f}, best {best.accuracy:.3f})")
+            if epoch - best.last_gain >= cfg.patience:
                 break
     if not eval_set:  # nothing to choose by: keep the last epoch
         best.epoch, best.tensors = history[-1].epoch, session.plan.snapshot()
@@ -443,7 +452,11 @@ def fit(
 
 
 def run_epoch(
-    session: Session, optimizer: torch.optim.Optimizer, order: list[Example], batch_size: int, bar: tqdm
+    session: Session,
+    optimizer: torch.optim.Optimizer,
+    order: list[Example],
+    batch_size: int,
+    bar: tqdm | None = None,
 ) -> float:
     """One pass; returns the epoch's mean loss per target token."""
     total, tokens = 0.0, 0
@@ -451,12 +464,15 @@ def run_epoch(
         batch = session.batch(chunk)
         n = int((batch.labels != IGNORE).sum())
         loss = session.token_losses(batch)
+        if not torch.isfinite(loss):
+            raise KronserveError(f"training diverged: the loss is {loss.item()}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         (loss / n).backward()
         optimizer.step()
         total, tokens = total + loss.item(), tokens + n
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item() / n:.4f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item() / n:.4f}", refresh=False)
     return total / tokens
 
 
@@ -483,10 +499,10 @@ def train_command(
     ],
     task: Annotated[str, typer.Option(help="task id the adapter serves")],
     out: Annotated[Path, typer.Option(help="where to write the native .safetensors adapter")],
-    method: Annotated[str, typer.Option(help="compacter++, compacter, phm, houlsby or pfeiffer")] = "compacter++",
+    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "compacter++",
     reduction_factor: Annotated[int | None, typer.Option(help="d_model / bottleneck size")] = None,
     phm_dim: Annotated[int | None, typer.Option(help="PHM methods: number of Kronecker summands")] = None,
-    rank: Annotated[int | None, typer.Option(help="compacter methods: rank of each W_i")] = None,
+    rank: Annotated[int | None, typer.Option(help="rank of Compacter's W_i factors, or LoRA's rank")] = None,
     layer_norms: Annotated[bool, typer.Option(help="train per-task T5 layer norms too")] = False,
     epochs: int = 10,
     batch_size: int = 16,
@@ -495,7 +511,7 @@ def train_command(
     patience: Annotated[int, typer.Option(help="epochs without a better eval accuracy before stopping")] = 3,
     max_new_tokens: Annotated[int | None, typer.Option(help="eval generation length [longest target]")] = None,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
     upload_url: Annotated[str | None, typer.Option("--upload", help="server URL to upload the result to")] = None,
     token: Annotated[str | None, typer.Option(envvar="KRONSERVE_TOKEN", help="admin token for --upload")] = None,
 ) -> None:

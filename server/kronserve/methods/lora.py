@@ -34,6 +34,13 @@ class LoraSpec(MethodSpec):
             raise ValueError(f"targets repeat an entry: {list(v)}")
         return v
 
+    @field_validator("layer_norms")
+    @classmethod
+    def _no_norms(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("per-task layer norms are not supported with LoRA")
+        return v
+
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
