@@ -23,8 +23,11 @@ def test_versions_are_immutable_files_and_the_pointer_moves(tmp_path: Path) -> N
     v2 = store.write("task", b"two")
     store.activate(v2)
     assert store.active("task") == v2 and v2.version == 2
-    assert store.read(v1) == b"one" and store.read(v2) == b"two"
-    assert not [p for p in (tmp_path / "task").iterdir() if p.name.startswith(".tmp")]
+    assert store.read(v2) == b"two"
+    with pytest.raises(StoreError):  # the replaced version's file is gone once the new one is active
+        store.read(v1)
+    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["ACTIVE", f"v000002-{v2.sha256[:16]}.safetensors"]
+    assert store.write("task", b"three").version == 3
 
 
 def test_read_verifies_the_hash(tmp_path: Path) -> None:
@@ -94,3 +97,27 @@ def test_failed_upload_leaves_nothing_behind(tmp_path: Path, backbone: Backbone,
         engine.registry.upload("t", dumps(bad))
     assert engine.registry.get("t") == first
     assert [p.name for p in (tmp_path / "t").iterdir()] and len(store.versions("t")) == 1
+
+
+def test_check_reports_and_repairs_orphans(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    good = store.write("good", b"x")
+    store.activate(good)
+    store.write("good", b"unfinished upload")  # a version file nothing points to
+    (tmp_path / "good" / ".tmp-123-ACTIVE").write_bytes(b"{")
+    store.write("never", b"y")  # a task whose first upload died before its pointer
+    (tmp_path / ".tmp-x").write_bytes(b"")
+    os.symlink(tmp_path / "good", tmp_path / "link")
+    report = store.check()
+    assert report.ok == ["good"] and report.problems == [] and len(report.orphans) == 6 and not report.clean
+    assert LocalStore(tmp_path).check(repair=True).removed == report.orphans
+    after = store.check()
+    assert after.clean and after.ok == ["good"] and store.read(good) == b"x"
+
+
+def test_check_reports_a_tampered_active_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.activate(store.write("t", b"payload"))
+    next((tmp_path / "t").glob("v*.safetensors")).write_bytes(b"tampered")
+    report = store.check(repair=True)
+    assert report.problems and "sha256" in report.problems[0]["problem"] and not report.clean

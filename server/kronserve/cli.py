@@ -108,6 +108,28 @@ def adapter_init(
     typer.echo(json.dumps(_describe(spec, geometry, task)))
 
 
+store_app = typer.Typer(help="The adapter store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("check")
+def store_check(
+    store: Annotated[Path, typer.Argument(help="store directory")],
+    repair: Annotated[bool, typer.Option(help="remove orphaned files (interrupted uploads)")] = False,
+) -> None:
+    """Verify every task's pointer and file hash and list orphans; exit 1 if anything is wrong."""
+    from dataclasses import asdict
+
+    from .store import LocalStore
+
+    if not store.is_dir():
+        raise KronserveError(f"{store} is not a directory")
+    report = LocalStore(store).check(repair=repair)
+    typer.echo(json.dumps(asdict(report), indent=2))
+    if not report.clean:
+        raise typer.Exit(1)
+
+
 @app.command("import")
 def import_adapter(
     src: Annotated[Path, typer.Argument(help="a saved AdapterHub directory, or a native file")],

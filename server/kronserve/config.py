@@ -48,3 +48,6 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, description="when set, PUT/DELETE need it as Bearer")
     metrics_max_tasks: int = Field(default=100, ge=0, description="tasks with their own metric label")
     log_level: str = "info"
+    fault_point: str | None = Field(
+        default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"
+    )

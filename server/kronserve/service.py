@@ -95,7 +95,7 @@ class Service:
         backbone = load_backbone(source, s.device, s.dtype)
         engine = Engine(
             backbone,
-            store=LocalStore(s.store),
+            store=LocalStore(s.store, s.fault_point),
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
             max_adapters=s.max_adapters,

@@ -6,8 +6,9 @@ Local layout, one directory per task:
     <root>/<task>/ACTIVE                               {"version": 3, "sha256": "...", "file": "v000003-..."}
 
 Every write is temp file -> fsync -> rename -> fsync(dir), so a crash at any moment leaves the
-previous ACTIVE pointer and its file intact. A version file without a pointer to it is an orphan
-(an upload that did not finish); it is never served. Symlinks are never followed.
+previous ACTIVE pointer and its file intact. Once a new version is active the task's other version
+files are removed, so a version file without a pointer to it is an orphan (an upload that did not
+finish); it is never served, and `check(repair=True)` removes it. Symlinks are never followed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +85,31 @@ class AdapterStore(ABC):
         """Remove the task: its pointer first (atomic), then its files."""
 
 
+FAULT_POINTS = ("version_temp_written", "version_renamed", "pointer_temp_written", "pointer_renamed")
+
+
+@dataclass
+class CheckReport:
+    """What `kronserve store check` found: servable tasks, problems with active versions, orphaned files."""
+
+    ok: list[str]
+    problems: list[dict[str, str]]
+    orphans: list[str]
+    removed: list[str]
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems and len(self.orphans) == len(self.removed)
+
+
 class LocalStore(AdapterStore):
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, fault_point: str | None = None) -> None:
+        """`fault_point` (tests only): SIGKILL this process at that moment of an upload, to prove crash safety."""
+        if fault_point is not None and fault_point not in FAULT_POINTS:
+            raise ValueError(f"fault_point must be one of {FAULT_POINTS}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.fault_point = fault_point
 
     def tasks(self) -> list[str]:
         out = []
@@ -125,15 +149,67 @@ class LocalStore(AdapterStore):
             raise StoreError(f"task directory {task!r} is a symlink; refusing to follow it")
         d.mkdir(exist_ok=True)
         ref = VersionRef(task, self._next_version(task), sha256_of(data))
-        _atomic_write(d / self._file_name(ref), data)
+        _atomic_write(d / self._file_name(ref), data, lambda: self._fault("version_temp_written"))
+        self._fault("version_renamed")
         return ref
 
     def activate(self, ref: VersionRef) -> None:
+        """Move the pointer, then drop the task's other version files (the bank holds what batches use)."""
         body = json.dumps({"version": ref.version, "sha256": ref.sha256, "file": self._file_name(ref)})
-        _atomic_write(self._pointer(ref.task), body.encode())
+        _atomic_write(self._pointer(ref.task), body.encode(), lambda: self._fault("pointer_temp_written"))
+        self._fault("pointer_renamed")
+        for old in self.versions(ref.task):
+            if old.version != ref.version:
+                self.discard(old)
 
     def discard(self, ref: VersionRef) -> None:
-        (self._dir(ref.task) / self._file_name(ref)).unlink(missing_ok=True)
+        for p in self._dir(ref.task).glob(f"v{ref.version:06d}-*.safetensors"):
+            p.unlink(missing_ok=True)
+
+    def check(self, repair: bool = False) -> CheckReport:
+        """Verify every task's pointer and the hash of its active file; list (and with repair, remove) orphans.
+
+        Orphans are what an interrupted upload leaves: temp files, version files no pointer names, task
+        directories without a pointer, and symlinks (never followed, never served).
+        """
+        report = CheckReport([], [], [], [])
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_symlink() or entry.name.startswith(".tmp-"):
+                self._orphan(report, entry, repair)
+            elif entry.is_dir() and _TASK.fullmatch(entry.name):
+                self._check_task(entry.name, report, repair)
+        return report
+
+    def _check_task(self, task: str, report: CheckReport, repair: bool) -> None:
+        try:
+            ref = self.active(task)
+            if ref is not None:
+                self.read(ref)
+        except StoreError as e:
+            report.problems.append({"task": task, "problem": str(e)})
+            return
+        keep = self._file_name(ref) if ref else None
+        for p in sorted(self._dir(task).iterdir()):
+            if p.name not in (ACTIVE, keep) or p.is_symlink():
+                self._orphan(report, p, repair)
+        if ref is None:
+            self._orphan(report, self._dir(task), repair)
+        else:
+            report.ok.append(task)
+
+    @staticmethod
+    def _orphan(report: CheckReport, path: Path, repair: bool) -> None:
+        report.orphans.append(str(path))
+        if repair:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            report.removed.append(str(path))
+
+    def _fault(self, point: str) -> None:
+        if point == self.fault_point:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def delete(self, task: str) -> None:
         d = self._dir(task)
@@ -175,7 +251,7 @@ def _read_nofollow(path: Path) -> bytes:
         return f.read()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, before_rename: Callable[[], None] = lambda: None) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -183,6 +259,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
