@@ -10,9 +10,15 @@ import pytest
 from kronserve.engine import Engine
 from kronserve.errors import Overloaded, RequestTimeout, UnknownTask
 from kronserve.metrics import Metrics
+from kronserve.registry import Entry
 from kronserve.scheduler import BatchKey, Scheduler
 
 GEN = BatchKey("generate", max_new_tokens=4, num_beams=1)
+
+
+def entry(engine: Engine, task: str) -> Entry:
+    """The task's version, leased as the API does at admission (released when the test's engine goes)."""
+    return engine.registry.acquire([task])[0]
 
 
 def make(engine: Engine, **kw) -> Scheduler:
@@ -45,7 +51,7 @@ def test_concurrent_requests_of_different_tasks_share_one_batch(engine: Engine, 
     async def run() -> list:
         s = make(engine)
         s.start()
-        jobs = [s.submit(GEN, tasks[i % 4], [f"in {i}"], None, 5) for i in range(8)]
+        jobs = [s.submit(GEN, entry(engine, tasks[i % 4]), [f"in {i}"], None, 5) for i in range(8)]
         out = await asyncio.gather(*jobs)
         await s.drain_and_stop()
         return [out, s.metrics]
@@ -63,7 +69,7 @@ def test_rows_bound_splits_batches(engine: Engine, tasks: list[str]) -> None:
     async def run() -> Metrics:
         s = make(engine, max_rows=3)
         s.start()
-        await asyncio.gather(*(s.submit(GEN, tasks[0], ["a", "b"], None, 4) for _ in range(3)))
+        await asyncio.gather(*(s.submit(GEN, entry(engine, tasks[0]), ["a", "b"], None, 4) for _ in range(3)))
         await s.drain_and_stop()
         return s.metrics
 
@@ -78,12 +84,12 @@ def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, 
     async def run() -> tuple[list, BaseException]:
         s = make(engine, queue_size=2, wait_ms=0)
         s.start()
-        first = asyncio.ensure_future(s.submit(GEN, tasks[0], ["a"], None, 2))
+        first = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
         await asyncio.sleep(0.1)  # the first is now inside the (held) engine
-        queued = [asyncio.ensure_future(s.submit(GEN, tasks[1], ["b"], None, 2)) for _ in range(2)]
+        queued = [asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[1]), ["b"], None, 2)) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(Overloaded) as refused:
-            await s.submit(GEN, tasks[2], ["c"], None, 2)
+            await s.submit(GEN, entry(engine, tasks[2]), ["c"], None, 2)
         release.set()
         done = await asyncio.gather(first, *queued)
         await s.drain_and_stop()
@@ -93,25 +99,29 @@ def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, 
     assert len(done) == 3 and refused.retry_after >= 1
 
 
-def test_task_deleted_while_queued_fails_alone(engine: Engine, tasks: list[str]) -> None:
+def test_task_deleted_while_queued_still_answers_with_its_version(engine: Engine, tasks: list[str]) -> None:
+    before = engine.generate([tasks[2]], ["x"], max_new_tokens=4).outputs
     release = gate(engine)
 
     async def run() -> list:
         s = make(engine, wait_ms=0)
         s.start()
-        blocker = asyncio.ensure_future(s.submit(GEN, tasks[0], ["a"], None, 2))
+        blocker = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
         await asyncio.sleep(0.1)
-        later = [asyncio.ensure_future(s.submit(GEN, t, ["x"], None, 2)) for t in (tasks[1], tasks[2])]
+        accepted = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[2]), ["x"], None, 2))
         await asyncio.sleep(0.05)
-        engine.registry.delete(tasks[2])
+        gone = engine.registry.delete(tasks[2])
+        assert engine.bank.loaded() == 4  # the deleted version stays resident while a request holds it
         release.set()
-        out = await asyncio.gather(blocker, *later, return_exceptions=True)
+        out = await asyncio.gather(blocker, accepted)
         await s.drain_and_stop()
-        return out
+        return [*out, gone]
 
-    blocker, kept, gone = asyncio.run(run())
-    assert blocker.task == tasks[0] and kept.task == tasks[1]
-    assert isinstance(gone, UnknownTask)
+    blocker, accepted, gone = asyncio.run(run())
+    assert blocker.task == tasks[0]
+    assert accepted.task == tasks[2] and accepted.version == gone.version and accepted.values == before
+    with pytest.raises(UnknownTask):
+        engine.registry.acquire([tasks[2]])
 
 
 def test_request_that_waits_too_long_times_out(engine: Engine, tasks: list[str]) -> None:
@@ -121,7 +131,7 @@ def test_request_that_waits_too_long_times_out(engine: Engine, tasks: list[str])
         s = make(engine, timeout_s=0.2, wait_ms=0)
         s.start()
         with pytest.raises(RequestTimeout):
-            await s.submit(GEN, tasks[0], ["a"], None, 2)
+            await s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2)
         release.set()
         await s.drain_and_stop()
 

@@ -81,32 +81,39 @@ class Registry:
         return sorted(self._active.values(), key=lambda e: e.task)
 
     @contextmanager
-    def lease(self, tasks: Sequence[str | None], strict: bool = True) -> Iterator[list[Entry | None]]:
-        """Resolve every task (None = bare backbone) and hold their slots until the batch ends.
-
-        strict: an unknown task raises UnknownTask and nothing is leased; otherwise its entry is
-        None and the caller fails that row alone (the scheduler: one bad request never fails a batch).
-        """
-        with self._lock:
-            entries = [None if t is None else self._active.get(t) for t in tasks]
-            if strict:
-                for t, e in zip(tasks, entries, strict=True):
-                    if t is not None and e is None:
-                        raise UnknownTask(f"unknown task {t!r}")
-            slots = [e.slot for e in entries if e is not None]
-            self._refs.update(slots)
+    def lease(self, tasks: Sequence[str | None]) -> Iterator[list[Entry | None]]:
+        """Resolve every task (None = bare backbone) and hold their slots until the block ends."""
+        entries = self.acquire(tasks)
         try:
             yield entries
         finally:
-            with self._lock:
-                self._refs.subtract(slots)
-                for s in set(slots):
-                    if self._refs[s] <= 0:
-                        del self._refs[s]
-                        if s in self._retired:
-                            self._retired.discard(s)
-                            self._free_slot(s)
-            self._update_gauges()
+            self.release(entries)
+
+    def acquire(self, tasks: Sequence[str | None]) -> list[Entry | None]:
+        """Resolve and hold each task's active version; raises UnknownTask (holding nothing) for an unknown one.
+
+        A request acquires when it is accepted, so a later swap or delete cannot change or drop the version
+        it is answered with; `release` must follow.
+        """
+        with self._lock:
+            entries = [None if t is None else self._active.get(t) for t in tasks]
+            for t, e in zip(tasks, entries, strict=True):
+                if t is not None and e is None:
+                    raise UnknownTask(f"unknown task {t!r}")
+            self._refs.update(e.slot for e in entries if e is not None)
+        return entries
+
+    def release(self, entries: Sequence[Entry | None]) -> None:
+        slots = [e.slot for e in entries if e is not None]
+        with self._lock:
+            self._refs.subtract(slots)
+            for s in set(slots):
+                if self._refs[s] <= 0:
+                    del self._refs[s]
+                    if s in self._retired:
+                        self._retired.discard(s)
+                        self._free_slot(s)
+        self._update_gauges()
 
     @staticmethod
     def slots_of(entries: Sequence[Entry | None]) -> list[int]:
@@ -119,7 +126,7 @@ class Registry:
         try:
             self.bank.write(slot, adapter)
         except BaseException:
-            self._release(slot)
+            self._return_unused(slot)
             raise
         return self._swap(adapter, version, sha256, slot)
 
@@ -196,7 +203,7 @@ class Registry:
                 self.bank.write(slot, adapter)
                 self.store.activate(ref)
             except BaseException:
-                self._release(slot)
+                self._return_unused(slot)
                 raise
         except BaseException:
             self.store.discard(ref)
@@ -224,7 +231,7 @@ class Registry:
             self._next_slot += 1
             return self._next_slot - 1
 
-    def _release(self, slot: int) -> None:
+    def _return_unused(self, slot: int) -> None:
         with self._lock:
             self._free_slot(slot)
 

@@ -4,8 +4,8 @@ The LitServe loop shape: a request is validated and tokenized-counted *before* i
 (one bad request never fails a batch); the batcher takes the oldest request, adds every queued
 request with the same generation settings until the row or token bound, waiting at most
 `batch_wait_ms` to fill; the engine runs the batch on its own thread (off the event loop); each
-request's future gets its own rows back. Tasks are resolved per batch under a lease, so a request
-whose task was deleted while it queued fails alone with UnknownTask.
+request's future gets its own rows back. Each request holds a lease on its task's version from
+admission (the caller acquires it), so a swap or delete while it queues cannot change its answer.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
-from .errors import NotReady, Overloaded, RequestTimeout, UnknownTask
+from .errors import NotReady, Overloaded, RequestTimeout
 from .metrics import Metrics
+from .registry import Entry
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class BatchKey:
 @dataclass
 class Job:
     key: BatchKey
-    task: str
+    entry: Entry  # leased by the caller at admission: the version this request is answered with
     inputs: list[str]
     targets: list[str] | None
     tokens: int
@@ -99,16 +100,19 @@ class Scheduler:
         self._executor.shutdown(wait=True)
 
     async def submit(
-        self, key: BatchKey, task: str, inputs: list[str], targets: list[str] | None, tokens: int
+        self, key: BatchKey, entry: Entry, inputs: list[str], targets: list[str] | None, tokens: int
     ) -> Result:
-        """Queue one validated request and wait for its rows; raises Overloaded when the queue is full."""
+        """Queue one validated request and wait for its rows; raises Overloaded when the queue is full.
+
+        `entry` is leased by the caller (see `Registry.acquire`) for as long as this call runs.
+        """
         if not self._accepting:
             raise NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
         if len(self._queue) >= self.queue_size:
             raise Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
         job = Job(
             key,
-            task,
+            entry,
             inputs,
             targets,
             tokens,
@@ -199,10 +203,7 @@ class Scheduler:
             for job, result in zip(batch, outcome, strict=True):
                 if job.future.done():
                     continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                job.future.set_result(result)
         except BaseException as e:  # the engine failed as a whole: every request of the batch learns why
             for job in batch:
                 if not job.future.done():
@@ -210,28 +211,22 @@ class Scheduler:
             if not isinstance(e, Exception):
                 raise
 
-    def _run_batch(self, batch: list[Job]) -> list[Result | BaseException]:
-        """On the engine thread: lease every task once, fail the vanished ones alone, run the rest."""
-        with self.engine.registry.lease([j.task for j in batch], strict=False) as entries:
-            live = [(j, e) for j, e in zip(batch, entries, strict=True) if e is not None]
-            outcome: dict[int, Result | BaseException] = {
-                id(j): UnknownTask(f"unknown task {j.task!r}") for j, e in zip(batch, entries, strict=True) if e is None
-            }
-            if live:
-                row_entries = [e for j, e in live for _ in j.inputs]
-                inputs = [x for j, _ in live for x in j.inputs]
-                self.metrics.batch_rows.observe(len(inputs))
-                self.metrics.batch_tasks.observe(len({e.task for _, e in live}))
-                values = self._engine_call(batch[0].key, row_entries, inputs, live)
-                start = 0
-                for j, e in live:
-                    outcome[id(j)] = Result(j.task, e.version, values[start : start + len(j.inputs)])
-                    start += len(j.inputs)
-        return [outcome[id(j)] for j in batch]
+    def _run_batch(self, batch: list[Job]) -> list[Result]:
+        """On the engine thread: every job's entry is already leased, so the batch cannot lose a task."""
+        row_entries = [j.entry for j in batch for _ in j.inputs]
+        inputs = [x for j in batch for x in j.inputs]
+        self.metrics.batch_rows.observe(len(inputs))
+        self.metrics.batch_tasks.observe(len({j.entry.task for j in batch}))
+        values = self._engine_call(batch[0].key, row_entries, inputs, batch)
+        results, start = [], 0
+        for j in batch:
+            results.append(Result(j.entry.task, j.entry.version, values[start : start + len(j.inputs)]))
+            start += len(j.inputs)
+        return results
 
-    def _engine_call(self, key: BatchKey, entries: list, inputs: list[str], live: list) -> list[Any]:
+    def _engine_call(self, key: BatchKey, entries: list[Entry], inputs: list[str], batch: list[Job]) -> list[Any]:
         if key.kind == "score":
-            targets = [t for j, _ in live for t in j.targets]
+            targets = [t for j in batch for t in j.targets or []]
             return self.engine.score_leased(entries, inputs, targets).scores
         return self.engine.generate_leased(
             entries, inputs, key.max_new_tokens, key.num_beams, key.min_new_tokens

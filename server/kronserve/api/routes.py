@@ -17,7 +17,7 @@ from ..errors import BadRequest, InvalidRequest, KronserveError, NotReady, Paylo
 from ..formats.importers import to_adapter
 from ..formats.native import dumps, is_native
 from ..registry import Entry
-from ..scheduler import BatchKey
+from ..scheduler import BatchKey, Result, Scheduler
 from ..service import Service
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
@@ -56,10 +56,9 @@ async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
         raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {body.max_new_tokens}")
     if body.num_beams > service.settings.max_beams:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {service.settings.max_beams}")
-    service.engine.registry.get(body.task)
     key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
     tokens = service.engine.count_tokens(body.inputs)
-    result = await scheduler.submit(key, body.task, body.inputs, None, tokens)
+    result = await _submit(service, scheduler, key, body.task, body.inputs, None, tokens)
     _count_task(service, body.task, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)
 
@@ -70,9 +69,8 @@ async def score(body: ScoreRequest, service: ServiceDep) -> ScoreResponse:
     _check_limits(service, body.inputs)
     if len(body.targets) != len(body.inputs):
         raise InvalidRequest(f"targets has {len(body.targets)} entries but inputs has {len(body.inputs)}")
-    service.engine.registry.get(body.task)
     tokens = service.engine.count_tokens(body.inputs) + service.engine.count_tokens(body.targets, "target")
-    result = await scheduler.submit(BatchKey("score"), body.task, body.inputs, body.targets, tokens)
+    result = await _submit(service, scheduler, BatchKey("score"), body.task, body.inputs, body.targets, tokens)
     _count_task(service, body.task, "score")
     return ScoreResponse(task=result.task, version=result.version, scores=result.values)
 
@@ -152,6 +150,24 @@ async def readyz(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _submit(
+    service: Service,
+    scheduler: Scheduler,
+    key: BatchKey,
+    task: str,
+    inputs: list[str],
+    targets: list[str] | None,
+    tokens: int,
+) -> Result:
+    """Lease the task's active version at admission (404 if none) and hold it until the answer is back."""
+    registry = service.engine.registry
+    (entry,) = registry.acquire([task])
+    try:
+        return await scheduler.submit(key, entry, inputs, targets, tokens)
+    finally:
+        registry.release([entry])
 
 
 def _check_limits(service: Service, inputs: list[str]) -> None:
