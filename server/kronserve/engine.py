@@ -124,6 +124,11 @@ class Engine:
 
         Nothing is truncated silently: a truncated target would be scored as another string.
         """
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequest(f"{what} {i} is not valid Unicode text ({e.reason})") from None
         lengths = [len(ids) for ids in self.backbone.tokenizer(list(texts))["input_ids"]]
         for i, n in enumerate(lengths):
             if n > self.max_input_tokens:

@@ -36,7 +36,13 @@ STATUS: list[tuple[type[KronserveError], int]] = [
     (Overloaded, 503),
     (BankFull, 503),
 ]
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_format"}
+_HTTP_CODES = {
+    400: "malformed_json",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_format",
+}
 
 
 def status_of(error: KronserveError) -> int:
