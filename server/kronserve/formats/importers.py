@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..backbone import Fingerprint
 from ..errors import BadRequest, UnsupportedFormat
+from ..methods import MethodSpec
 from . import adapterhub, native, paper, peft
 from .native import AdapterFile
 from .weights import load_weights
@@ -61,28 +62,33 @@ def _from_paper(state: dict, task: str, fingerprint: Fingerprint) -> AdapterFile
         )
     names = {k.split(".adapters.")[1].split(".")[0] for k in state if ".adapter_controller.adapters." in k}
     spec, tensors = paper.import_paper(state, fingerprint.geometry, task if task in names else None)
-    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
+    return _checked(task, spec, fingerprint, tensors)
 
 
 def _from_peft(
     cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
 ) -> AdapterFile:
-    weights = next((n for n in PEFT_WEIGHTS if n in parts), None)
-    if weights is None:
-        raise BadRequest(f"PEFT adapter without weights: expected one of {list(PEFT_WEIGHTS)}")
-    state = load_weights(parts[weights], weights, allow_pickle)
+    state = _weights(parts, PEFT_WEIGHTS, "PEFT", allow_pickle)
     spec, tensors = peft.import_lora(cfg, state, fingerprint.geometry)
-    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
+    return _checked(task, spec, fingerprint, tensors)
 
 
 def _from_adapterhub(
     cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
 ) -> AdapterFile:
-    weights = next((n for n in ADAPTERHUB_WEIGHTS if n in parts), None)
-    if weights is None:
-        raise BadRequest(f"AdapterHub adapter without weights: expected one of {list(ADAPTERHUB_WEIGHTS)}")
     spec = adapterhub.spec_from_config(cfg)
-    state = load_weights(parts[weights], weights, allow_pickle)
-    tensors = adapterhub.tensors_from_state(spec, cfg, state)
-    adapter = AdapterFile(task, spec, fingerprint, tensors)
-    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, adapter.geometry, tensors))
+    state = _weights(parts, ADAPTERHUB_WEIGHTS, "AdapterHub", allow_pickle)
+    return _checked(task, spec, fingerprint, adapterhub.tensors_from_state(spec, cfg, state))
+
+
+def _weights(parts: dict[str, bytes], names: tuple[str, ...], source: str, allow_pickle: bool) -> dict:
+    """The first weights file of `names` present in the upload, read (pickles only through weights_only)."""
+    name = next((n for n in names if n in parts), None)
+    if name is None:
+        raise BadRequest(f"{source} adapter without weights: expected one of {list(names)}")
+    return load_weights(parts[name], name, allow_pickle)
+
+
+def _checked(task: str, spec: MethodSpec, fingerprint: Fingerprint, tensors: dict) -> AdapterFile:
+    """An imported adapter, validated exactly as a native file is."""
+    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
