@@ -12,7 +12,7 @@ from kronserve.engine import Engine
 from kronserve.errors import InvalidAdapter, InvalidRequest, UnknownTask
 from kronserve.formats.native import dumps
 from kronserve.metrics import Metrics
-from kronserve.store import LocalStore, StoreError
+from kronserve.store import LocalStore, StoreConflict, StoreError
 
 
 def test_versions_are_immutable_files_and_the_pointer_moves(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_symlinked_task_directories_are_never_followed(tmp_path: Path) -> None:
     store = LocalStore(root)
     os.symlink(outside, root / "evil")
     assert store.tasks() == []
-    with pytest.raises(StoreError, match="symlink"):
+    with pytest.raises(StoreConflict, match="symlink"):
         store.write("evil", b"x")
     assert list(outside.iterdir()) == []
 
@@ -121,3 +121,18 @@ def test_check_reports_a_tampered_active_file(tmp_path: Path) -> None:
     next((tmp_path / "t").glob("v*.safetensors")).write_bytes(b"tampered")
     report = store.check(repair=True)
     assert report.problems and "sha256" in report.problems[0]["problem"] and not report.clean
+
+
+def test_epoch_moves_on_every_pointer_change(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    seen = [store.epoch()]
+    ref = store.write("t", b"one")
+    assert store.epoch() == seen[-1]  # a version that is not active changes nothing
+    store.activate(ref)
+    seen.append(store.epoch())
+    store.activate(store.write("t", b"two"))
+    seen.append(store.epoch())
+    store.delete("t")
+    seen.append(store.epoch())
+    assert seen[0] == "" and len(set(seen)) == 4
+    assert store.tasks() == [] and store.check().clean

@@ -21,6 +21,7 @@ from ..errors import (
     UnknownTask,
     UnsupportedFormat,
 )
+from ..store import StoreConflict
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ STATUS: list[tuple[type[KronserveError], int]] = [
     (BadRequest, 400),
     (Unauthorized, 401),
     (UnknownTask, 404),
+    (StoreConflict, 409),
     (PayloadTooLarge, 413),
     (UnsupportedFormat, 415),
     (InvalidAdapter, 422),

@@ -1,9 +1,10 @@
-"""The durable truth: adapter versions on disk, behind an interface a shared store can also implement.
+"""The local store: adapter versions on disk (the default).
 
-Local layout, one directory per task:
+Layout, one directory per task:
 
     <root>/<task>/v000003-<sha256[:16]>.safetensors   immutable version files
     <root>/<task>/ACTIVE                               {"version": 3, "sha256": "...", "file": "v000003-..."}
+    <root>/EPOCH                                       rewritten after every pointer move (the change feed's poll)
 
 Every write is temp file -> fsync -> rename -> fsync(dir), so a crash at any moment leaves the
 previous ACTIVE pointer and its file intact. Once a new version is active the task's other version
@@ -13,76 +14,22 @@ finish); it is never served, and `check(repair=True)` removes it. Symlinks are n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TASK_ID_PATTERN
-from .errors import InvalidRequest, KronserveError, UnknownTask
+from ..errors import UnknownTask
+from .base import TASK_ID_RE, AdapterStore, StoreConflict, StoreError, VersionRef, check_task_id, sha256_of
 
 ACTIVE = "ACTIVE"
+EPOCH = "EPOCH"
 _VERSION_FILE = re.compile(r"^v(\d{6,})-([0-9a-f]{16})\.safetensors$")
-_TASK = re.compile(TASK_ID_PATTERN)
-
-
-class StoreError(KronserveError):
-    code = "store_error"
-
-
-@dataclass(frozen=True)
-class VersionRef:
-    task: str
-    version: int
-    sha256: str
-
-
-def check_task_id(task: str) -> str:
-    if not isinstance(task, str) or not _TASK.fullmatch(task):
-        raise InvalidRequest(f"invalid task id {task!r}: expected {TASK_ID_PATTERN}")
-    return task
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class AdapterStore(ABC):
-    """What the registry needs from durable storage; nothing above it touches paths."""
-
-    @abstractmethod
-    def tasks(self) -> list[str]:
-        """Tasks that have an active version."""
-
-    @abstractmethod
-    def active(self, task: str) -> VersionRef | None: ...
-
-    @abstractmethod
-    def read(self, ref: VersionRef) -> bytes:
-        """The version's bytes, verified against its sha256."""
-
-    @abstractmethod
-    def write(self, task: str, data: bytes) -> VersionRef:
-        """Store a new immutable version (not active yet)."""
-
-    @abstractmethod
-    def activate(self, ref: VersionRef) -> None:
-        """Make `ref` the task's active version, atomically."""
-
-    @abstractmethod
-    def discard(self, ref: VersionRef) -> None:
-        """Remove a version that never became active."""
-
-    @abstractmethod
-    def delete(self, task: str) -> None:
-        """Remove the task: its pointer first (atomic), then its files."""
 
 
 FAULT_POINTS = ("version_temp_written", "version_renamed", "pointer_temp_written", "pointer_renamed")
@@ -114,7 +61,7 @@ class LocalStore(AdapterStore):
     def tasks(self) -> list[str]:
         out = []
         for entry in sorted(self.root.iterdir()):
-            if entry.is_symlink() or not entry.is_dir() or not _TASK.fullmatch(entry.name):
+            if entry.is_symlink() or not entry.is_dir() or not TASK_ID_RE.fullmatch(entry.name):
                 continue
             if self._pointer(entry.name).is_file() and not self._pointer(entry.name).is_symlink():
                 out.append(entry.name)
@@ -146,7 +93,7 @@ class LocalStore(AdapterStore):
     def write(self, task: str, data: bytes) -> VersionRef:
         d = self._dir(task)
         if d.is_symlink():
-            raise StoreError(f"task directory {task!r} is a symlink; refusing to follow it")
+            raise StoreConflict(f"the store's entry for task {task!r} is a symlink; refusing to follow it")
         d.mkdir(exist_ok=True)
         ref = VersionRef(task, self._next_version(task), sha256_of(data))
         _atomic_write(d / self._file_name(ref), data, lambda: self._fault("version_temp_written"))
@@ -158,6 +105,7 @@ class LocalStore(AdapterStore):
         body = json.dumps({"version": ref.version, "sha256": ref.sha256, "file": self._file_name(ref)})
         _atomic_write(self._pointer(ref.task), body.encode(), lambda: self._fault("pointer_temp_written"))
         self._fault("pointer_renamed")
+        self._bump_epoch()
         for old in self.versions(ref.task):
             if old.version != ref.version:
                 self.discard(old)
@@ -176,7 +124,7 @@ class LocalStore(AdapterStore):
         for entry in sorted(self.root.iterdir()):
             if entry.is_symlink() or entry.name.startswith(".tmp-"):
                 self._orphan(report, entry, repair)
-            elif entry.is_dir() and _TASK.fullmatch(entry.name):
+            elif entry.is_dir() and TASK_ID_RE.fullmatch(entry.name):
                 self._check_task(entry.name, report, repair)
         return report
 
@@ -217,7 +165,19 @@ class LocalStore(AdapterStore):
             raise UnknownTask(f"unknown task {task!r}")
         self._pointer(task).unlink()
         _fsync_dir(d)
+        self._bump_epoch()
         shutil.rmtree(d, ignore_errors=True)
+
+    def epoch(self) -> str:
+        try:
+            return _read_nofollow(self.root / EPOCH).decode()
+        except FileNotFoundError:
+            return ""
+        except OSError as e:
+            raise StoreError(f"cannot read the store's {EPOCH} ({e})") from e
+
+    def _bump_epoch(self) -> None:
+        _atomic_write(self.root / EPOCH, uuid.uuid4().hex.encode())
 
     def versions(self, task: str) -> list[VersionRef]:
         """Every version file of the task, active or orphaned."""

@@ -1,0 +1,82 @@
+"""The store interface: what the registry needs from durable storage, and what every store shares.
+
+A store holds immutable versions per task and one atomically moved pointer per task naming the
+active one. `epoch()` changes whenever any pointer moves, so replicas that poll it (the cluster's
+change feed of last resort) rescan only when something changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..config import TASK_ID_PATTERN
+from ..errors import InvalidRequest, KronserveError
+
+TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+
+class StoreError(KronserveError):
+    """The store cannot do what was asked (unreadable, corrupt, I/O): a server-side problem (500)."""
+
+    code = "store_error"
+
+
+class StoreConflict(StoreError):
+    """The store holds something at the task's place that kronserve will not touch (e.g. a planted symlink)."""
+
+    code = "store_conflict"
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    task: str
+    version: int
+    sha256: str
+
+
+def check_task_id(task: str) -> str:
+    if not isinstance(task, str) or not TASK_ID_RE.fullmatch(task):
+        raise InvalidRequest(f"invalid task id {task!r}: expected {TASK_ID_PATTERN}")
+    return task
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class AdapterStore(ABC):
+    """What the registry needs from durable storage; nothing above it touches paths or buckets."""
+
+    @abstractmethod
+    def tasks(self) -> list[str]:
+        """Tasks that have an active version."""
+
+    @abstractmethod
+    def active(self, task: str) -> VersionRef | None: ...
+
+    @abstractmethod
+    def read(self, ref: VersionRef) -> bytes:
+        """The version's bytes, verified against its sha256."""
+
+    @abstractmethod
+    def write(self, task: str, data: bytes) -> VersionRef:
+        """Store a new immutable version (not active yet)."""
+
+    @abstractmethod
+    def activate(self, ref: VersionRef) -> None:
+        """Make `ref` the task's active version, atomically, and move the epoch."""
+
+    @abstractmethod
+    def discard(self, ref: VersionRef) -> None:
+        """Remove a version that never became active."""
+
+    @abstractmethod
+    def delete(self, task: str) -> None:
+        """Remove the task: its pointer first (atomic), then its files; moves the epoch."""
+
+    @abstractmethod
+    def epoch(self) -> str:
+        """An opaque token that differs after any activate or delete ("" for a store never written)."""
