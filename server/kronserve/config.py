@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_adapters: int = Field(default=4096, ge=1, description="bank slots, i.e. resident adapter versions")
     admin_token: SecretStr | None = Field(default=None, description="when set, PUT/DELETE need it as Bearer")
     metrics_max_tasks: int = Field(default=100, ge=0, description="tasks with their own metric label")
+    redis_url: str | None = Field(
+        default=None, description="Redis for change notices between processes sharing a store (redis://host:6379)"
+    )
+    store_poll_s: float = Field(
+        default=0.0, ge=0, description="poll the store's epoch this often for versions made elsewhere (0: off)"
+    )
     log_level: str = "info"
     fault_point: str | None = Field(
         default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"

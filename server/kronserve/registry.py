@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -76,6 +76,9 @@ class Registry:
         if entry is None:
             raise UnknownTask(f"unknown task {task!r}")
         return entry
+
+    def peek(self, task: str) -> Entry | None:
+        return self._active.get(task)
 
     def entries(self) -> list[Entry]:
         return sorted(self._active.values(), key=lambda e: e.task)
@@ -158,10 +161,12 @@ class Registry:
         self._update_gauges()
         return entry
 
-    def load_store(self) -> list[str]:
-        """Serve every active version in the store; a bad one is logged, counted and skipped."""
+    def load_store(self, select: Callable[[str], bool] | None = None) -> list[str]:
+        """Serve every active version in the store (or those `select` picks); a bad one is logged, counted, skipped."""
         loaded = []
         for task in self.store.tasks() if self.store else []:
+            if select is not None and not select(task):
+                continue
             try:
                 self.refresh(task)
                 loaded.append(task)

@@ -51,6 +51,7 @@ class Result:
     task: str
     version: int
     values: list[Any]  # output strings or float scores
+    replica: str | None = None  # which cluster replica answered (None: the single-process server)
 
 
 class Scheduler:

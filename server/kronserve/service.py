@@ -1,25 +1,32 @@
-"""The one object the app holds: settings, metrics, engine (backbone, bank, registry), scheduler.
+"""The single-process backend: settings, metrics, engine (backbone, bank, registry), scheduler.
 
-Built in the app factory and reached through FastAPI dependencies; nothing is module-global. The
-backbone loads on a thread after the server starts, so `/healthz` answers at once and `/readyz`
-turns 200 only once the backbone is loaded and the store scanned.
+The API calls it through the `Backend` protocol (api/backend.py), the same one the cluster gateway
+implements, so one set of routes serves both. Built in the app factory; nothing is module-global.
+The backbone loads on a thread after the server starts, so `/healthz` answers at once and `/readyz`
+turns 200 only once the backbone is loaded and the store scanned. A cluster replica is this same
+class with a name (the `x-kronserve-replica` header), no store preload, and a change feed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from .backbone import default_backbone, load_backbone
+from .changes import ChangeFeed
 from .config import Settings
 from .engine import Engine
-from .errors import NotReady
-from .formats.native import AdapterFile, dumps
+from .errors import KronserveError, NotReady
+from .formats.importers import to_adapter
+from .formats.native import AdapterFile, dumps, is_native
 from .methods import init_tensors, preset
 from .metrics import Metrics
-from .scheduler import Scheduler
-from .store import LocalStore
+from .registry import Entry
+from .scheduler import BatchKey, Result, Scheduler
+from .store import VersionRef, open_store
 from .t5_sites import base_norms
 
 log = logging.getLogger(__name__)
@@ -27,9 +34,14 @@ DEMO_TASK = "demo"
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, name: str | None = None, preload: Callable[[str], bool] | None = None
+    ) -> None:
+        """`name` labels answers (a cluster replica's); `preload` picks the store's tasks to load at start
+        (all when None; a replica loads the tasks the ring gives it, and others on demand)."""
+        self.settings, self.name, self.preload = settings, name, preload
         self.metrics = Metrics(settings.metrics_max_tasks)
+        self.changes: ChangeFeed | None = None
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
         self.draining = False
@@ -70,6 +82,9 @@ class Service:
         )
         scheduler.start()
         self._engine, self._scheduler = engine, scheduler
+        if s.redis_url or s.store_poll_s > 0:
+            self.changes = ChangeFeed(engine.registry, s.redis_url, s.store_poll_s)
+            self.changes.start()
         log.info("ready: backbone %s, %d adapters", engine.backbone.source, len(engine.registry.entries()))
 
     def begin_drain(self) -> None:
@@ -86,8 +101,94 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
+        if self.changes is not None:
+            self.changes.stop()
         if self._scheduler is not None:
             await self._scheduler.drain_and_stop()
+
+    # ---- the Backend protocol ------------------------------------------------------------------
+    def readiness(self) -> dict[str, object]:
+        if not self.ready:
+            why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
+            raise NotReady(f"not ready: {why}", retry_after=5)
+        return {"status": "ready", "adapters": len(self.engine.registry.entries())}
+
+    async def predict(self, task: str, inputs: list[str], key: BatchKey, pin: VersionRef | None = None) -> Result:
+        scheduler = self.scheduler
+        return await self._submit(scheduler, key, task, inputs, None, self.engine.count_tokens(inputs), pin)
+
+    async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
+        scheduler = self.scheduler
+        tokens = self.engine.count_tokens(inputs) + self.engine.count_tokens(targets, "target")
+        return await self._submit(scheduler, BatchKey("score"), task, inputs, targets, tokens, pin)
+
+    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
+        """A native file is stored as sent; another format is converted to native first."""
+        self.engine  # noqa: B018 - raises NotReady while the backbone loads
+        entry = await asyncio.to_thread(self._upload, task, parts)
+        if self.changes is not None:
+            self.changes.publish(task)
+        return self._described(entry)
+
+    async def delete(self, task: str) -> None:
+        await asyncio.to_thread(self.engine.registry.delete, task)
+        if self.changes is not None:
+            self.changes.publish(task)
+
+    async def adapters(self) -> list[dict[str, object]]:
+        return [e.describe() for e in self.engine.registry.entries()]
+
+    async def adapter(self, task: str, pin: VersionRef | None = None) -> dict[str, object]:
+        if pin is not None:
+            await self._ensure(task, pin)
+        return self._described(self.engine.registry.get(task))
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def _described(self, entry: Entry) -> dict[str, object]:
+        return {**entry.describe(), "replica": self.name}
+
+    async def _submit(
+        self,
+        scheduler: Scheduler,
+        key: BatchKey,
+        task: str,
+        inputs: list[str],
+        targets: list[str] | None,
+        tokens: int,
+        pin: VersionRef | None,
+    ) -> Result:
+        """Lease the task's active version at admission (404 if none) and hold it until the answer is back."""
+        if pin is not None:
+            await self._ensure(task, pin)
+        registry = self.engine.registry
+        (entry,) = registry.acquire([task])
+        try:
+            result = await scheduler.submit(key, entry, inputs, targets, tokens)
+        finally:
+            registry.release([entry])
+        return dataclasses.replace(result, replica=self.name)
+
+    async def _ensure(self, task: str, pin: VersionRef) -> None:
+        """The gateway read `pin` from the store: serve it or something newer, never an older version.
+
+        Identity (version and hash), not order, decides: a task deleted and made anew starts again at 1.
+        """
+        current = self.engine.registry.peek(task)
+        if current is None or (current.version, current.sha256) != (pin.version, pin.sha256):
+            await asyncio.to_thread(self.engine.registry.refresh, task)
+
+    def _upload(self, task: str, parts: dict[str, bytes]) -> Entry:
+        registry = self.engine.registry
+        if len(parts) == 1 and is_native(data := next(iter(parts.values()))):
+            return registry.upload(task, data)
+        try:
+            adapter = to_adapter(parts, task, registry.fingerprint, self.settings.accept_pickle)
+        except KronserveError as e:
+            registry.metrics.adapter_load_failures.labels("upload", e.code).inc()
+            raise
+        return registry.upload(task, dumps(adapter))
 
     def _build_engine(self) -> Engine:
         s = self.settings
@@ -95,13 +196,13 @@ class Service:
         backbone = load_backbone(source, s.device, s.dtype)
         engine = Engine(
             backbone,
-            store=LocalStore(s.store, s.fault_point),
+            store=open_store(str(s.store), fault_point=s.fault_point),
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
             max_adapters=s.max_adapters,
         )
-        engine.registry.load_store()
-        if s.backbone is None and DEMO_TASK not in {e.task for e in engine.registry.entries()}:
+        engine.registry.load_store(self.preload)
+        if self.preload is None and s.backbone is None and DEMO_TASK not in {e.task for e in engine.registry.entries()}:
             self._add_demo_adapter(engine)
         return engine
 

@@ -17,15 +17,17 @@ from .. import __version__
 from ..config import Settings
 from ..metrics import Metrics
 from ..service import Service
+from .backend import Backend
 from .errors import install_error_handlers
 from .routes import router
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """The `/v1` app over `backend` (default: a single-process `Service` built from `settings`)."""
     settings = settings or Settings()
-    service = Service(settings)
+    service = backend or Service(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch.",
         lifespan=lifespan,
     )
-    app.state.service = service
+    app.state.backend = service
     install_error_handlers(app)
     app.include_router(router)
 
@@ -86,7 +88,7 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    service: Service = app.state.service
+    service: Service = app.state.backend
 
     class DrainingServer(uvicorn.Server):
         """First SIGTERM: keep listening, answer /readyz 503 and refuse new work until accepted work is done,

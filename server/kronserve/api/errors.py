@@ -52,9 +52,9 @@ def status_of(error: KronserveError) -> int:
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    service = getattr(request.app.state, "service", None)
-    if service is not None:
-        service.metrics.failures.labels(endpoint_of(request), code).inc()
+    backend = getattr(request.app.state, "backend", None)
+    if backend is not None:
+        backend.metrics.failures.labels(endpoint_of(request), code).inc()
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 

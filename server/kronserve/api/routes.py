@@ -1,8 +1,7 @@
-"""API v1 routes: thin. Validate, hand to the scheduler or registry, shape the answer."""
+"""API v1 routes: thin. Validate, hand to the backend (one process or the cluster gateway), shape the answer."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -13,12 +12,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..config import TASK_ID_PATTERN
-from ..errors import BadRequest, InvalidRequest, KronserveError, NotReady, PayloadTooLarge, Unauthorized
-from ..formats.importers import to_adapter
-from ..formats.native import dumps, is_native
-from ..registry import Entry
-from ..scheduler import BatchKey, Result, Scheduler
-from ..service import Service
+from ..errors import BadRequest, InvalidRequest, PayloadTooLarge, Unauthorized
+from ..scheduler import BatchKey, Result
+from .backend import Backend
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 422, 503)}
@@ -28,16 +24,17 @@ TaskPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="task id")]
 router = APIRouter()
 
 
-def get_service(request: Request) -> Service:
-    return request.app.state.service
+def get_backend(request: Request) -> Backend:
+    return request.app.state.backend
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+BackendDep = Annotated[Backend, Depends(get_backend)]
+REPLICA_HEADER = "x-kronserve-replica"
 
 
-def require_admin(request: Request, service: ServiceDep) -> None:
+def require_admin(request: Request, backend: BackendDep) -> None:
     """With an admin token configured, PUT and DELETE need `Authorization: Bearer <token>` (constant-time)."""
-    token = service.settings.admin_token
+    token = backend.settings.admin_token
     if token is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -47,31 +44,28 @@ def require_admin(request: Request, service: ServiceDep) -> None:
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
-async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
-    scheduler = service.scheduler
-    _check_limits(service, body.inputs)
-    if body.max_new_tokens > service.settings.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds {service.settings.max_new_tokens}")
+async def predict(body: PredictRequest, backend: BackendDep, response: Response) -> PredictResponse:
+    limits = backend.settings
+    _check_limits(backend, body.inputs)
+    if body.max_new_tokens > limits.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds {limits.max_new_tokens}")
     if body.min_new_tokens > body.max_new_tokens:
         raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {body.max_new_tokens}")
-    if body.num_beams > service.settings.max_beams:
-        raise InvalidRequest(f"num_beams {body.num_beams} exceeds {service.settings.max_beams}")
+    if body.num_beams > limits.max_beams:
+        raise InvalidRequest(f"num_beams {body.num_beams} exceeds {limits.max_beams}")
     key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
-    tokens = service.engine.count_tokens(body.inputs)
-    result = await _submit(service, scheduler, key, body.task, body.inputs, None, tokens)
-    _count_task(service, body.task, "predict")
+    result = await backend.predict(body.task, body.inputs, key)
+    _answered(backend, response, result, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-async def score(body: ScoreRequest, service: ServiceDep) -> ScoreResponse:
-    scheduler = service.scheduler
-    _check_limits(service, body.inputs)
+async def score(body: ScoreRequest, backend: BackendDep, response: Response) -> ScoreResponse:
+    _check_limits(backend, body.inputs)
     if len(body.targets) != len(body.inputs):
         raise InvalidRequest(f"targets has {len(body.targets)} entries but inputs has {len(body.inputs)}")
-    tokens = service.engine.count_tokens(body.inputs) + service.engine.count_tokens(body.targets, "target")
-    result = await _submit(service, scheduler, BatchKey("score"), body.task, body.inputs, body.targets, tokens)
-    _count_task(service, body.task, "score")
+    result = await backend.score(body.task, body.inputs, body.targets)
+    _answered(backend, response, result, "score")
     return ScoreResponse(task=result.task, version=result.version, scores=result.values)
 
 
@@ -96,41 +90,27 @@ async def score(body: ScoreRequest, service: ServiceDep) -> ScoreResponse:
         }
     },
 )
-async def upload_adapter(task: TaskPath, request: Request, service: ServiceDep) -> AdapterInfo:
+async def upload_adapter(task: TaskPath, request: Request, backend: BackendDep, response: Response) -> AdapterInfo:
     """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts."""
-    service.engine  # noqa: B018 - raises NotReady while the backbone loads
-    body = await _read_limited(request, service.settings.max_upload_bytes)
+    backend.readiness()  # refuse (503) before reading a large body we could not serve
+    body = await _read_limited(request, backend.settings.max_upload_bytes)
     parts = await _file_parts(request, body)
-    entry = await asyncio.to_thread(_upload, service, task, parts)
-    return AdapterInfo(**entry.describe())
-
-
-def _upload(service: Service, task: str, parts: dict[str, bytes]) -> Entry:
-    """A native file is stored as sent; another format is converted to native first (its hash is the native file's)."""
-    registry = service.engine.registry
-    if len(parts) == 1 and is_native(data := next(iter(parts.values()))):
-        return registry.upload(task, data)
-    try:
-        adapter = to_adapter(parts, task, registry.fingerprint, service.settings.accept_pickle)
-    except KronserveError as e:
-        registry.metrics.adapter_load_failures.labels("upload", e.code).inc()
-        raise
-    return registry.upload(task, dumps(adapter))
+    return _info(await backend.upload(task, parts), response)
 
 
 @router.get("/v1/adapters", response_model=list[AdapterInfo])
-async def list_adapters(service: ServiceDep) -> list[AdapterInfo]:
-    return [AdapterInfo(**e.describe()) for e in service.engine.registry.entries()]
+async def list_adapters(backend: BackendDep) -> list[AdapterInfo]:
+    return [_info(info) for info in await backend.adapters()]
 
 
 @router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_ERRORS)
-async def get_adapter(task: TaskPath, service: ServiceDep) -> AdapterInfo:
-    return AdapterInfo(**service.engine.registry.get(task).describe())
+async def get_adapter(task: TaskPath, backend: BackendDep, response: Response) -> AdapterInfo:
+    return _info(await backend.adapter(task), response)
 
 
 @router.delete("/v1/adapters/{task}", status_code=204, responses=_ADMIN_ERRORS, dependencies=[Depends(require_admin)])
-async def delete_adapter(task: TaskPath, service: ServiceDep) -> Response:
-    await asyncio.to_thread(service.engine.registry.delete, task)
+async def delete_adapter(task: TaskPath, backend: BackendDep) -> Response:
+    await backend.delete(task)
     return Response(status_code=204)
 
 
@@ -140,43 +120,31 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(service: ServiceDep) -> JSONResponse:
-    if not service.ready:
-        why = service.startup_error or ("draining" if service.draining else "loading the backbone and the store")
-        raise NotReady(f"not ready: {why}", retry_after=5)
-    return JSONResponse({"status": "ready", "adapters": len(service.engine.registry.entries())})
+async def readyz(backend: BackendDep) -> JSONResponse:
+    return JSONResponse(backend.readiness())
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(service: ServiceDep) -> Response:
-    return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(backend: BackendDep) -> Response:
+    return Response(await backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _submit(
-    service: Service,
-    scheduler: Scheduler,
-    key: BatchKey,
-    task: str,
-    inputs: list[str],
-    targets: list[str] | None,
-    tokens: int,
-) -> Result:
-    """Lease the task's active version at admission (404 if none) and hold it until the answer is back."""
-    registry = service.engine.registry
-    (entry,) = registry.acquire([task])
-    try:
-        return await scheduler.submit(key, entry, inputs, targets, tokens)
-    finally:
-        registry.release([entry])
+def _answered(backend: Backend, response: Response, result: Result, endpoint: str) -> None:
+    if result.replica is not None:
+        response.headers[REPLICA_HEADER] = result.replica
+    backend.metrics.task_requests.labels(backend.metrics.task_label(result.task), endpoint).inc()
 
 
-def _check_limits(service: Service, inputs: list[str]) -> None:
-    if len(inputs) > service.settings.max_inputs:
-        raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {service.settings.max_inputs}")
+def _info(info: dict[str, object], response: Response | None = None) -> AdapterInfo:
+    replica = info.pop("replica", None)
+    if response is not None and replica is not None:
+        response.headers[REPLICA_HEADER] = str(replica)
+    return AdapterInfo(**info)
 
 
-def _count_task(service: Service, task: str, endpoint: str) -> None:
-    service.metrics.task_requests.labels(service.metrics.task_label(task), endpoint).inc()
+def _check_limits(backend: Backend, inputs: list[str]) -> None:
+    if len(inputs) > backend.settings.max_inputs:
+        raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {backend.settings.max_inputs}")
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -1,0 +1,42 @@
+"""What the routes need from whatever answers them: the single-process `Service` or the cluster gateway.
+
+One set of routes, two backends: the cluster serves the same `/v1` API because it implements this
+protocol, not because it copies the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..config import Settings
+from ..metrics import Metrics
+from ..scheduler import BatchKey, Result
+
+
+class Backend(Protocol):
+    settings: Settings
+    metrics: Metrics
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def readiness(self) -> dict[str, object]:
+        """The `/readyz` body; raises NotReady (503) when requests would not be served."""
+        ...
+
+    async def predict(self, task: str, inputs: list[str], key: BatchKey) -> Result: ...
+
+    async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result: ...
+
+    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
+        """Validate, persist and serve a new version; returns its description (and `replica`)."""
+        ...
+
+    async def delete(self, task: str) -> None: ...
+
+    async def adapters(self) -> list[dict[str, object]]: ...
+
+    async def adapter(self, task: str) -> dict[str, object]: ...
+
+    async def metrics_text(self) -> bytes: ...
