@@ -61,6 +61,27 @@ def serve(
     run(Settings(**given))
 
 
+@app.command()
+def cluster(
+    replicas: Annotated[int | None, typer.Option(help="backbone replicas [env KRONSERVE_REPLICAS]")] = None,
+    backbone: Annotated[str | None, typer.Option(help="hub id or directory [env KRONSERVE_BACKBONE]")] = None,
+    store: Annotated[str | None, typer.Option(help="directory or s3://bucket/prefix [env KRONSERVE_STORE]")] = None,
+    host: Annotated[str | None, typer.Option(help="[env KRONSERVE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="[env KRONSERVE_PORT]")] = None,
+    redis: Annotated[str | None, typer.Option(help="redis:// URL for change notices [env KRONSERVE_REDIS_URL]")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster [env KRONSERVE_RAY_ADDRESS]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [env KRONSERVE_DEVICE]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 [env KRONSERVE_DTYPE]")] = None,
+) -> None:
+    """Serve the same /v1 API from N backbone replicas on Ray Serve (starts a local Ray head unless --address)."""
+    from .cluster.app import run
+    from .config import Settings
+
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("run", "Settings")}
+    renamed = {"redis": "redis_url", "address": "ray_address"}
+    run(Settings(**{renamed.get(k, k): v for k, v in given.items()}))
+
+
 @adapter_app.command("init")
 def adapter_init(
     out: Path,

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     store_poll_s: float = Field(
         default=0.0, ge=0, description="poll the store's epoch this often for versions made elsewhere (0: off)"
     )
+    replicas: int = Field(default=2, ge=1, description="kronserve cluster: backbone replicas")
+    ray_address: str | None = Field(default=None, description="kronserve cluster: join this Ray cluster")
+    probe_interval_s: float = Field(default=0.5, gt=0, description="kronserve cluster: gateway's replica probe period")
+    probe_timeout_s: float = Field(default=2.0, gt=0, description="kronserve cluster: a probe slower than this is down")
     log_level: str = "info"
     fault_point: str | None = Field(
         default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"

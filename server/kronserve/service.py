@@ -131,7 +131,10 @@ class Service:
         return self._described(entry)
 
     async def delete(self, task: str) -> None:
-        await asyncio.to_thread(self.engine.registry.delete, task)
+        registry = self.engine.registry
+        if self.preload is not None and registry.peek(task) is None:
+            await asyncio.to_thread(registry.refresh, task)  # a replica holds only the tasks it was asked for
+        await asyncio.to_thread(registry.delete, task)
         if self.changes is not None:
             self.changes.publish(task)
 
