@@ -1,4 +1,5 @@
-"""A real `kronserve serve` process on 127.0.0.1, a real store directory, real HTTP."""
+"""A real server on 127.0.0.1, a real store directory, real HTTP: `kronserve serve`, or `kronserve cluster`
+(a local Ray head, two replicas) for the tests that must hold for both."""
 
 from __future__ import annotations
 
@@ -26,23 +27,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODES = ["single", "cluster"]
+
+
 class Server:
-    def __init__(self, backbone: Path | None, store: Path, **env: str) -> None:
-        self.backbone, self.store, self.env = backbone, store, env
+    def __init__(self, backbone: Path | None, store: Path, mode: str = "single", **env: str) -> None:
+        self.backbone, self.store, self.mode, self.env = backbone, store, mode, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = store.parent / f"server-{self.port}.log"
 
     def start(self) -> Server:
-        env = {**os.environ, "KRONSERVE_BATCH_WAIT_MS": "20", **self.env}
-        cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", "serve"]
+        env = {**os.environ, "KRONSERVE_BATCH_WAIT_MS": "20", "RAY_USAGE_STATS_ENABLED": "0", **self.env}
+        command = {"single": ["serve"], "cluster": ["cluster", "--replicas", "2"]}[self.mode]
+        cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", *command]
         cmd += ["--store", str(self.store), "--port", str(self.port)]
         cmd += ["--backbone", str(self.backbone)] if self.backbone else []
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=self.store.parent
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (60 if self.mode == "single" else 180)
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
@@ -56,17 +61,15 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
+        return self.proc.wait(timeout=30 if self.mode == "single" else 90)
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path, store_dir: Path) -> Iterator[Server]:
-    s = Server(tiny_dir, store_dir).start()
+@pytest.fixture(scope="module", params=MODES)
+def server(
+    request: pytest.FixtureRequest, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The same tests, one process or a cluster: the API contract is one."""
+    s = Server(tiny_dir, tmp_path_factory.mktemp(f"store-{request.param}"), request.param).start()
     yield s
     s.stop()
 

@@ -118,9 +118,23 @@ def test_concurrent_requests_over_16_tasks_ride_in_mixed_batches(server: Server,
 
 
 def _bucket(url: str, name: str, le: str) -> float:
+    """Summed over label sets (a cluster labels each sample with its replica)."""
     text = httpx.get(f"{url}/metrics").text
-    m = re.search(rf'^{name}{{le="{le}"}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sum(float(v) for v in re.findall(rf'^{name}{{[^}}]*le="{le}"[^}}]*}} (\S+)$', text, re.M))
+
+
+def test_list_get_and_delete(server: Server, adapter_bytes) -> None:
+    infos = {t: upload(server.url, t, adapter_bytes(t, "houlsby", seed=i)).json() for i, t in enumerate(["ls1", "ls2"])}
+    listed = {a["task"]: a for a in httpx.get(f"{server.url}/v1/adapters").json()}
+    for task, info in infos.items():
+        assert listed[task] == httpx.get(f"{server.url}/v1/adapters/{task}").json() == info
+    assert httpx.delete(f"{server.url}/v1/adapters/ls1").status_code == 204
+    assert "ls1" not in {a["task"] for a in httpx.get(f"{server.url}/v1/adapters").json()}
+    assert httpx.get(f"{server.url}/v1/adapters/ls1").status_code == 404
+    gone = score(server.url, "ls1", ["q"], ["a"])
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_task"
+    assert httpx.delete(f"{server.url}/v1/adapters/ls1").status_code == 404
+    assert score(server.url, "ls2", ["q"], ["a"]).json()["version"] == infos["ls2"]["version"]
 
 
 def test_restart_brings_every_adapter_back(tiny_dir: Path, tmp_path: Path, adapter_bytes) -> None:
