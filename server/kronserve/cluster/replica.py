@@ -50,7 +50,8 @@ class Replica:
     def info(self) -> dict[str, Any]:
         """Who and what: the gateway's health probe, and what tests need to find and kill a replica."""
         entries = self.service.engine.registry.entries() if self.service.ready else []
-        return {"name": self.name, "pid": os.getpid(), "ready": self.service.ready, "tasks": [e.task for e in entries]}
+        tasks = {e.task: e.version for e in entries}
+        return {"name": self.name, "pid": os.getpid(), "ready": self.service.ready, "tasks": tasks}
 
     def check_health(self) -> None:
         if self.service.startup_error:

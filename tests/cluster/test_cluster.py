@@ -1,0 +1,136 @@
+"""Issue 7 acceptance on one machine: a local Ray head, 2 replicas of a tiny backbone, Redis change feed.
+
+Every answer is compared with a single-process server's answer for the same adapter and input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ..e2e.conftest import Server, upload
+
+TASKS = [f"c{i}" for i in range(12)]
+METHODS = ["compacter", "compacter++", "houlsby", "pfeiffer", "lora"]
+X, Y = "the same input", "a target"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Server]:
+    s = Server(tiny_dir, tmp_path_factory.mktemp("cluster-store"), "cluster", KRONSERVE_REDIS_URL=redis_url).start()
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def single(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tiny_dir, tmp_path_factory.mktemp("single-store")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded(cluster: Server, single: Server, adapter_bytes) -> dict[str, bytes]:
+    files = {t: adapter_bytes(t, METHODS[i % len(METHODS)], seed=i) for i, t in enumerate(TASKS)}
+    for task, data in files.items():
+        assert upload(cluster.url, task, data).status_code == 201
+        assert upload(single.url, task, data).status_code == 201
+    return files
+
+
+def ask(url: str, task: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/score", json={"task": task, "inputs": [X], "targets": [Y]}, timeout=60)
+
+
+def replicas(url: str) -> dict[str, dict]:
+    return {r["name"]: r for r in httpx.get(f"{url}/v1/cluster", timeout=30).json()}
+
+
+def test_each_task_on_one_replica_both_used_answers_equal_one_process(
+    cluster: Server, single: Server, uploaded: dict[str, bytes]
+) -> None:
+    async def fire() -> list[tuple[str, httpx.Response, httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+
+            async def one(task: str, i: int) -> tuple[str, httpx.Response, httpx.Response]:
+                body = {"task": task, "inputs": [f"{X} {i}"], "max_new_tokens": 5}
+                p = c.post(f"{cluster.url}/v1/predict", json=body)
+                s = c.post(f"{cluster.url}/v1/score", json={"task": task, "inputs": [f"{X} {i}"], "targets": [Y]})
+                return (task, *await asyncio.gather(p, s))
+
+            return await asyncio.gather(*(one(t, i) for i in range(4) for t in TASKS))
+
+    served_by: dict[str, set[str]] = defaultdict(set)
+    for n, (task, p, s) in enumerate(asyncio.run(fire())):
+        assert p.status_code == 200 and s.status_code == 200, (p.text, s.text)
+        served_by[task] |= {p.headers["x-kronserve-replica"], s.headers["x-kronserve-replica"]}
+        i = n // len(TASKS)
+        body = {"task": task, "inputs": [f"{X} {i}"], "max_new_tokens": 5}
+        assert p.json() == httpx.post(f"{single.url}/v1/predict", json=body, timeout=60).json()
+        alone = httpx.post(f"{single.url}/v1/score", json={"task": task, "inputs": [f"{X} {i}"], "targets": [Y]})
+        assert s.json()["scores"] == pytest.approx(alone.json()["scores"], abs=1e-4)
+    assert all(len(names) == 1 for names in served_by.values()), served_by
+    assert set().union(*served_by.values()) == {"replica-0", "replica-1"}
+    metrics = httpx.get(f"{cluster.url}/metrics", timeout=30).text
+    for name in ("replica-0", "replica-1"):
+        batches = _sample(metrics, "kronserve_batch_tasks_count", name)
+        single_task = _sample(metrics, "kronserve_batch_tasks_bucket", name, 'le="1.0"')
+        assert batches - single_task >= 1, f"{name}: {batches} batches, none with more than one task"
+
+
+def test_replica_death_then_upload_reaches_every_holder(
+    cluster: Server, single: Server, uploaded: dict[str, bytes], adapter_bytes
+) -> None:
+    task = next(t for t in TASKS if ask(cluster.url, t).headers["x-kronserve-replica"] == "replica-1")
+    expected = ask(single.url, task).json()["scores"]
+    victim = replicas(cluster.url)["replica-1"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    answers = [ask(cluster.url, task) for _ in range(5)]
+    for r in answers:  # nothing was in flight on it: every request is answered, by the next replica
+        assert r.status_code == 200, r.text
+        assert r.json()["scores"] == pytest.approx(expected, abs=1e-4)
+    assert answers[-1].headers["x-kronserve-replica"] == "replica-0"
+
+    deadline = time.monotonic() + 180
+    while not ((r1 := replicas(cluster.url)["replica-1"]).get("ready") and r1["pid"] != victim):
+        assert time.monotonic() < deadline, "Serve did not replace the dead replica"
+        time.sleep(0.5)
+    assert ask(cluster.url, task).headers["x-kronserve-replica"] == "replica-1"  # back on its owner
+    assert all(task in r["tasks"] for r in replicas(cluster.url).values())  # the spill left a copy on replica-0
+
+    new = adapter_bytes(task, "houlsby", seed=99)
+    put = upload(cluster.url, task, new)
+    returned = time.monotonic()
+    assert put.status_code == 201
+    version = put.json()["version"]
+    while not all(r["tasks"].get(task) == version for r in replicas(cluster.url).values()):
+        assert time.monotonic() - returned < 1.0, "an upload did not reach every replica holding the task in 1 s"
+        time.sleep(0.02)
+    assert upload(single.url, task, new).status_code == 201
+    expected = ask(single.url, task).json()["scores"]
+    for _ in range(4):
+        r = ask(cluster.url, task)
+        assert r.json()["version"] == version and r.json()["scores"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_readyz_names_every_replica(cluster: Server) -> None:
+    r = httpx.get(f"{cluster.url}/readyz", timeout=30)
+    assert r.status_code == 200 and r.json()["replicas"] == {"replica-0": "ready", "replica-1": "ready"}
+
+
+def _sample(text: str, name: str, replica: str, extra: str = "") -> float:
+    pattern = rf"^{name}{{([^}}]*)}} (\S+)$"
+    return sum(
+        float(v)
+        for labels, v in re.findall(pattern, text, re.M)
+        if f'replica="{replica}"' in labels and extra in labels
+    )

@@ -1,0 +1,93 @@
+"""The change feed: a process learns of versions another process put in the shared store, within 1 s."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kronserve.backbone import Backbone
+from kronserve.changes import ChangeFeed
+from kronserve.engine import Engine
+from kronserve.formats.native import dumps
+from kronserve.store import LocalStore
+
+from .conftest import make_adapter
+
+WITHIN_S = 1.0
+
+
+@pytest.fixture
+def two(backbone: Backbone, tmp_path: Path) -> tuple[Engine, Engine]:
+    """Two engines (two processes' worth of registry and bank) over one store."""
+    return Engine(backbone, store=LocalStore(tmp_path)), Engine(backbone, store=LocalStore(tmp_path))
+
+
+@pytest.fixture
+def feeds() -> Iterator[Callable[..., ChangeFeed]]:
+    started: list[ChangeFeed] = []
+
+    def make(engine: Engine, redis_url: str | None, poll_s: float) -> ChangeFeed:
+        feed = ChangeFeed(engine.registry, redis_url, poll_s)
+        feed.start()
+        started.append(feed)
+        return feed
+
+    yield make
+    for feed in started:
+        feed.stop()
+
+
+def wait_for(condition: Callable[[], bool], within: float = WITHIN_S) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", ["redis", "poll"])
+def test_upload_and_delete_elsewhere_reach_a_process_that_holds_the_task(
+    two: tuple[Engine, Engine], feeds, backbone: Backbone, redis_url: str, path: str
+) -> None:
+    a, b = two
+    feed_a = feeds(a, redis_url if path == "redis" else None, 0.0)
+    feeds(b, redis_url if path == "redis" else None, 0.2 if path == "poll" else 0.0)
+    time.sleep(0.2)  # subscribers connected
+    adapters = [make_adapter(backbone, "t", "compacter", seed=s, std=0.3) for s in (1, 2)]
+    a.registry.upload("t", dumps(adapters[0]))
+    b.registry.refresh("t")  # b serves t (the ring gave it to b, or a request made b load it)
+    v2 = a.registry.upload("t", dumps(adapters[1]))
+    feed_a.publish("t")
+    wait_for(lambda: (e := b.registry.peek("t")) is not None and e.sha256 == v2.sha256)
+    inputs, targets = ["a question"], ["an answer"]
+    assert b.score(["t"], inputs, targets).scores == pytest.approx(a.score(["t"], inputs, targets).scores, abs=1e-5)
+    a.registry.delete("t")
+    feed_a.publish("t")
+    wait_for(lambda: b.registry.peek("t") is None)
+
+
+def test_a_lost_message_only_delays_until_the_next_poll(
+    two: tuple[Engine, Engine], feeds, backbone: Backbone, redis_url: str
+) -> None:
+    a, b = two
+    feeds(b, redis_url, 0.2)
+    a.registry.upload("t", dumps(make_adapter(backbone, "t", "houlsby", seed=1, std=0.3)))
+    b.registry.refresh("t")
+    v2 = a.registry.upload("t", dumps(make_adapter(backbone, "t", "houlsby", seed=2, std=0.3)))  # nobody publishes
+    wait_for(lambda: b.registry.peek("t").sha256 == v2.sha256)
+
+
+def test_tasks_a_process_does_not_hold_stay_unloaded(
+    two: tuple[Engine, Engine], feeds, backbone: Backbone, redis_url: str
+) -> None:
+    a, b = two
+    feed_a = feeds(a, redis_url, 0.0)
+    feeds(b, redis_url, 0.1)
+    time.sleep(0.2)
+    a.registry.upload("other", dumps(make_adapter(backbone, "other", "pfeiffer", seed=1, std=0.3)))
+    feed_a.publish("other")
+    time.sleep(0.5)
+    assert b.registry.peek("other") is None and b.bank.loaded() == 0
