@@ -30,9 +30,7 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from _server import Server
 from transformers.utils import logging as hf_logging
 
 from kronserve.backbone import load_backbone, write_tiny_backbone
@@ -87,58 +86,6 @@ def row_hist(run: Run) -> str:
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
-
-
-# ---- the server subprocess ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, backbone: Path, store: Path, log: Path, env: dict[str, str]) -> None:
-        self.backbone, self.store, self.log, self.env = backbone, store, log, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 180) -> None:
-        exe = shutil.which("kronserve")
-        cmd = [exe] if exe else [sys.executable, "-c", "from kronserve.cli import main; main()"]
-        cmd += ["serve", "--backbone", str(self.backbone), "--store", str(self.store), "--port", str(self.port)]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout_s:g} s:\n{self.log_tail()}")
-
-    def stop(self) -> int | None:
-        """SIGTERM (the server drains accepted work), then wait; SIGKILL only if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
