@@ -54,6 +54,7 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="poll the store's epoch this often for versions made elsewhere (0: off)"
     )
     replicas: int = Field(default=2, ge=1, description="kronserve cluster: backbone replicas")
+    replica_gpus: float = Field(default=0, ge=0, description="kronserve cluster: GPUs each replica asks Ray for")
     ray_address: str | None = Field(default=None, description="kronserve cluster: join this Ray cluster")
     probe_interval_s: float = Field(default=0.5, gt=0, description="kronserve cluster: gateway's replica probe period")
     probe_timeout_s: float = Field(default=2.0, gt=0, description="kronserve cluster: a probe slower than this is down")

@@ -134,3 +134,18 @@ def _sample(text: str, name: str, replica: str, extra: str = "") -> float:
         for labels, v in re.findall(pattern, text, re.M)
         if f'replica="{replica}"' in labels and extra in labels
     )
+
+
+@pytest.mark.parametrize("path", ["deploy/serve_config.yaml", "deploy/rayservice.yaml"])
+def test_deploy_examples_name_only_real_settings(path: str) -> None:
+    import yaml
+
+    from kronserve.cluster.app import build_app
+    from kronserve.config import Settings
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / path).read_text())
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if "spec" in doc else doc
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "kronserve.cluster.app:build_app" and callable(build_app)
+    assert set(app["args"]) <= set(Settings.model_fields), set(app["args"]) - set(Settings.model_fields)
+    Settings(**app["args"])

@@ -54,9 +54,12 @@ def build(settings: Settings) -> Application:
     names = [f"replica-{i}" for i in range(settings.replicas)]
     threads = max(1, (os.cpu_count() or 1) // settings.replicas)
     on_replicas = settings.model_copy(update={"store_poll_s": settings.store_poll_s or 0.5})
+    resources = {"num_cpus": 0, "num_gpus": settings.replica_gpus}
     in_flight = settings.queue_size + settings.max_batch_rows  # the replica's scheduler, not Serve, says 503
     replicas = [
-        Replica.options(name=name, max_ongoing_requests=in_flight).bind(on_replicas, name, names, threads)
+        Replica.options(name=name, max_ongoing_requests=in_flight, ray_actor_options=resources).bind(
+            on_replicas, name, names, threads
+        )
         for name in names
     ]
     gateway = Gateway.options(max_ongoing_requests=in_flight * settings.replicas)
