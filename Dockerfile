@@ -1,10 +1,12 @@
 # kronserve: docker build -t kronserve .                      (CPU)
 #            docker build -t kronserve:cuda --build-arg TORCH=cuda .   (CUDA; run with --gpus all)
+#            --build-arg EXTRAS=s3      (adapters in S3/MinIO; a Ray cluster image: deploy/Dockerfile.ray)
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim
 
 ARG TORCH=cpu
 ARG TORCH_VERSION=2.13.0
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
@@ -21,7 +23,7 @@ RUN if [ "$TORCH" = "cpu" ]; then \
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY clients ./clients
-RUN pip install .
+RUN pip install ".${EXTRAS:+[$EXTRAS]}"
 
 RUN useradd --create-home --uid 1000 kronserve && mkdir -p /data && chown kronserve /data
 USER kronserve
