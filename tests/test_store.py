@@ -54,6 +54,13 @@ def test_symlinked_task_directories_are_never_followed(tmp_path: Path) -> None:
     with pytest.raises(StoreConflict, match="symlink"):
         store.write("evil", b"x")
     assert list(outside.iterdir()) == []
+    planted = LocalStore(outside)  # a real task behind the link: still never read through it
+    ref = planted.write("t", b"secret")
+    planted.activate(ref)
+    os.symlink(outside / "t", root / "t")
+    assert store.active("t") is None and store.tasks() == []
+    with pytest.raises(StoreConflict, match="symlink"):
+        store.read(ref)
 
 
 def test_delete_removes_pointer_and_files(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ class LocalStore(AdapterStore):
 
     def active(self, task: str) -> VersionRef | None:
         pointer = self._pointer(task)
-        if pointer.is_symlink() or not pointer.is_file():
+        if self._dir(task).is_symlink() or pointer.is_symlink() or not pointer.is_file():
             return None
         try:
             data = json.loads(_read_nofollow(pointer))
@@ -82,6 +82,8 @@ class LocalStore(AdapterStore):
 
     def read(self, ref: VersionRef) -> bytes:
         path = self._dir(ref.task) / self._file_name(ref)
+        if path.parent.is_symlink():
+            raise StoreConflict(f"the store's entry for task {ref.task!r} is a symlink; refusing to follow it")
         try:
             data = _read_nofollow(path)
         except OSError as e:
