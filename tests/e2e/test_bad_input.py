@@ -16,16 +16,19 @@ from kronserve.backbone import load_backbone
 from kronserve.formats.native import dumps
 
 from ..conftest import make_adapter
-from .conftest import Server, upload
+from .conftest import MODES, Server, upload
 
 TOKEN = "s3cret-token"
 LIMIT = 200_000
 
 
-@pytest.fixture(scope="module")
-def guarded(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, adapter_bytes) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=MODES)
+def guarded(
+    request: pytest.FixtureRequest, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, adapter_bytes
+) -> Iterator[Server]:
     store = tmp_path_factory.mktemp("guarded-store")
-    s = Server(tiny_dir, store, KRONSERVE_ADMIN_TOKEN=TOKEN, KRONSERVE_MAX_UPLOAD_BYTES=str(LIMIT)).start()
+    limits = {"KRONSERVE_ADMIN_TOKEN": TOKEN, "KRONSERVE_MAX_UPLOAD_BYTES": str(LIMIT)}
+    s = Server(tiny_dir, store, request.param, **limits).start()
     assert upload(s.url, "base", adapter_bytes("base", seed=7), token=TOKEN).status_code == 201
     yield s
     s.stop()
@@ -142,7 +145,11 @@ def test_bad_input_is_refused_and_changes_nothing(guarded: Server, payloads, cas
 
 
 def test_probes_and_openapi(guarded: Server) -> None:
-    assert httpx.get(f"{guarded.url}/readyz").json() == {"status": "ready", "adapters": 1}
+    ready = httpx.get(f"{guarded.url}/readyz").json()
+    if guarded.mode == "single":
+        assert ready == {"status": "ready", "adapters": 1}
+    else:
+        assert ready == {"status": "ready", "replicas": {"replica-0": "ready", "replica-1": "ready"}}
     assert httpx.get(f"{guarded.url}/healthz").json() == {"status": "ok"}
     paths = httpx.get(f"{guarded.url}/openapi.json").json()["paths"]
     assert {"/v1/predict", "/v1/score", "/v1/adapters", "/v1/adapters/{task}"} <= set(paths)
