@@ -66,6 +66,8 @@ def make_client(endpoint_url: str | None = None) -> Any:
 
 
 class S3Store(AdapterStore):
+    page_size = 1000  # keys per listing request (the S3 maximum)
+
     def __init__(
         self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client: Any | None = None
     ) -> None:
@@ -221,7 +223,9 @@ class S3Store(AdapterStore):
             return body.read(), response["ETag"]
 
     def _keys(self, prefix: str) -> Iterator[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+        )
         try:
             for page in pages:
                 for item in page.get("Contents", []):
