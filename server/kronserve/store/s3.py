@@ -157,7 +157,7 @@ class S3Store(AdapterStore):
 
     def epoch(self) -> str:
         try:
-            return self._get(self.prefix + EPOCH)[0].decode()
+            return self._get(self.prefix + EPOCH)[0].decode(errors="replace")
         except _Missing:
             return ""
 
