@@ -40,7 +40,12 @@ def backbone_tiny(
 @app.command()
 def serve(
     backbone: Annotated[str | None, typer.Option(help="hub id or directory [env KRONSERVE_BACKBONE]")] = None,
-    store: Annotated[Path | None, typer.Option(help="adapter store directory [env KRONSERVE_STORE]")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="adapter store: a directory, or s3://bucket/prefix [env KRONSERVE_STORE]")
+    ] = None,
+    s3_endpoint_url: Annotated[
+        str | None, typer.Option(help="S3-compatible endpoint, e.g. MinIO [env KRONSERVE_S3_ENDPOINT_URL]")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="[env KRONSERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="[env KRONSERVE_PORT]")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [env KRONSERVE_DEVICE]")] = None,

@@ -17,7 +17,10 @@ class Settings(BaseSettings):
         default=None,
         description="hub id or directory; unset: t5-small if the hub answers, else an offline demo backbone",
     )
-    store: Path = Path("adapters_store")
+    store: str = Field(default="adapters_store", description="adapter store: a directory, or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint for an s3:// store (MinIO: http://host:9000); unset: AWS"
+    )
     cache_dir: Path = Field(default=Path.home() / ".cache" / "kronserve", description="where the demo backbone goes")
     host: str = "127.0.0.1"
     port: int = 8000

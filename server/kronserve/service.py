@@ -199,7 +199,7 @@ class Service:
         backbone = load_backbone(source, s.device, s.dtype)
         engine = Engine(
             backbone,
-            store=open_store(str(s.store), fault_point=s.fault_point),
+            store=open_store(s.store, s.s3_endpoint_url, s.fault_point),
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
             max_adapters=s.max_adapters,

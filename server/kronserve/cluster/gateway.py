@@ -42,7 +42,7 @@ class ClusterBackend:
     def __init__(self, settings: Settings, names: Sequence[str], handles: Sequence[DeploymentHandle]) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.metrics_max_tasks)
-        self.store = open_store(settings.store)
+        self.store = open_store(settings.store, settings.s3_endpoint_url)
         self.ring = Ring(names, floor=settings.max_batch_rows)
         self.handles = dict(zip(names, handles, strict=True))
         self.up = dict.fromkeys(names, False)
