@@ -73,6 +73,7 @@ def cluster(
     store: Annotated[str | None, typer.Option(help="directory or s3://bucket/prefix [env KRONSERVE_STORE]")] = None,
     host: Annotated[str | None, typer.Option(help="[env KRONSERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="[env KRONSERVE_PORT]")] = None,
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="[env KRONSERVE_S3_ENDPOINT_URL]")] = None,
     redis: Annotated[str | None, typer.Option(help="redis:// URL for change notices [env KRONSERVE_REDIS_URL]")] = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster [env KRONSERVE_RAY_ADDRESS]")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [env KRONSERVE_DEVICE]")] = None,

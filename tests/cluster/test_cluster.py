@@ -1,4 +1,5 @@
-"""Issue 7 acceptance on one machine: a local Ray head, 2 replicas of a tiny backbone, Redis change feed.
+"""Issue 7 acceptance on one machine: a local Ray head, 2 replicas of a tiny backbone, adapters in an
+S3-compatible bucket (a real moto server), Redis change feed.
 
 Every answer is compared with a single-process server's answer for the same adapter and input.
 """
@@ -25,8 +26,15 @@ X, Y = "the same input", "a target"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Server]:
-    s = Server(tiny_dir, tmp_path_factory.mktemp("cluster-store"), "cluster", KRONSERVE_REDIS_URL=redis_url).start()
+def cluster(
+    tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_endpoint: str
+) -> Iterator[Server]:
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
+    feed = {"KRONSERVE_REDIS_URL": redis_url, "KRONSERVE_S3_ENDPOINT_URL": s3_endpoint}
+    work = tmp_path_factory.mktemp("cluster")
+    s = Server(tiny_dir, work, "cluster", store_url="s3://cluster/adapters", **feed).start()
     yield s
     assert s.stop() == 0
 

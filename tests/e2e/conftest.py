@@ -31,8 +31,11 @@ MODES = ["single", "cluster"]
 
 
 class Server:
-    def __init__(self, backbone: Path | None, store: Path, mode: str = "single", **env: str) -> None:
-        self.backbone, self.store, self.mode, self.env = backbone, store, mode, env
+    def __init__(
+        self, backbone: Path | None, store: Path, mode: str = "single", store_url: str | None = None, **env: str
+    ) -> None:
+        """`store_url` (e.g. s3://bucket/prefix) replaces the directory as the store; logs still go beside it."""
+        self.backbone, self.store, self.mode, self.store_url, self.env = backbone, store, mode, store_url, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -42,7 +45,7 @@ class Server:
         env = {**os.environ, "KRONSERVE_BATCH_WAIT_MS": "20", "RAY_USAGE_STATS_ENABLED": "0", **self.env}
         command = {"single": ["serve"], "cluster": ["cluster", "--replicas", "2"]}[self.mode]
         cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", *command]
-        cmd += ["--store", str(self.store), "--port", str(self.port)]
+        cmd += ["--store", self.store_url or str(self.store), "--port", str(self.port)]
         cmd += ["--backbone", str(self.backbone)] if self.backbone else []
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=self.store.parent
