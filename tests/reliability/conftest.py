@@ -160,3 +160,14 @@ def rss_bytes(pid: int) -> int:
             assert unit == "kB", line
             return int(value) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.fixture(scope="package")
+def other_payload(other_tiny_dir: Path) -> Payload:
+    """Native adapter files made for another backbone of the same shape (a server on tiny_dir must refuse them)."""
+    bb = load_backbone(str(other_tiny_dir), device="cpu")
+
+    def make(task: str, method: str = "compacter", seed: int = 0, std: float = 0.3, **overrides) -> bytes:
+        return dumps(make_adapter(bb, task, method, seed=seed, std=std, **overrides))
+
+    return make
