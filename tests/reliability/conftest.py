@@ -4,7 +4,10 @@ small readers of the store, the error shape, the metrics and the server's memory
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +174,10 @@ def other_payload(other_tiny_dir: Path) -> Payload:
         return dumps(make_adapter(bb, task, method, seed=seed, std=std, **overrides))
 
     return make
+
+
+def store_check(store: Path) -> tuple[int, dict]:
+    """`kronserve store check STORE`, run as a user would: its exit status and its JSON report."""
+    cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", "store", "check", str(store)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return run.returncode, json.loads(run.stdout)
