@@ -219,6 +219,18 @@ def test_undocumented_method_is_405_in_error_shape(api_schema: schemathesis.Base
         assert error_code(r) == "method_not_allowed", path
 
 
+def test_default_max_new_tokens_is_capped_by_a_lower_limit(fuzz_server: Server) -> None:
+    """The schema's default (32) is above this server's limit (8): a predict that leaves it unset is served at the
+    limit instead of being refused for a value the client never sent."""
+    body = {"task": TASK, "inputs": ["translate: hello", "x"]}
+    r = httpx.post(f"{fuzz_server.url}/v1/predict", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    at_limit = httpx.post(f"{fuzz_server.url}/v1/predict", json={**body, "max_new_tokens": MAX_NEW_TOKENS}, timeout=30)
+    assert r.json() == at_limit.json()
+    over = httpx.post(f"{fuzz_server.url}/v1/predict", json={**body, "max_new_tokens": 32}, timeout=30)
+    assert over.status_code == 422 and error_code(over) == "invalid_request", over.text  # an explicit 32 still is
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [

@@ -50,13 +50,16 @@ def require_admin(request: Request, service: ServiceDep) -> None:
 async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
     scheduler = service.scheduler
     _check_limits(service, body.inputs)
-    if body.max_new_tokens > service.settings.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds {service.settings.max_new_tokens}")
-    if body.min_new_tokens > body.max_new_tokens:
-        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {body.max_new_tokens}")
+    limit = service.settings.max_new_tokens
+    # Unset, it is the schema's default, capped by the server's limit (a lower limit must not refuse the default).
+    max_new = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, limit)
+    if max_new > limit:
+        raise InvalidRequest(f"max_new_tokens {max_new} exceeds {limit}")
+    if body.min_new_tokens > max_new:
+        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {max_new}")
     if body.num_beams > service.settings.max_beams:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {service.settings.max_beams}")
-    key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
+    key = BatchKey("generate", max_new, body.num_beams, body.min_new_tokens)
     tokens = service.engine.count_tokens(body.inputs)
     result = await _submit(service, scheduler, key, body.task, body.inputs, None, tokens)
     _count_task(service, body.task, "predict")
