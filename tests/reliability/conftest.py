@@ -44,6 +44,10 @@ class Answer:
             abs(a - b) <= SCORE_TOL for a, b in zip(scores, self.scores, strict=True)
         )
 
+    def matches(self, other: Answer) -> bool:
+        """Same scores (within SCORE_TOL: another process, maybe another batch shape) and the same outputs."""
+        return self.same_scores(other.scores) and self.outputs == other.outputs
+
     def distance(self, other: Answer) -> float:
         return max(abs(a - b) for a, b in zip(self.scores, other.scores, strict=True))
 
@@ -56,11 +60,10 @@ def predict_body(task: str) -> dict:
     return {"task": task, "inputs": PROBE_INPUTS, "max_new_tokens": PREDICT_TOKENS}
 
 
-def ask(url: str, task: str, client: httpx.Client | None = None) -> tuple[int, Answer]:
+def ask(url: str, task: str) -> tuple[int, Answer]:
     """The probe's answer from `task` (score and predict) and the version that gave both."""
-    c = client or httpx.Client(timeout=TIMEOUT)
-    s = c.post(f"{url}/v1/score", json=score_body(task))
-    p = c.post(f"{url}/v1/predict", json=predict_body(task))
+    s = httpx.post(f"{url}/v1/score", json=score_body(task), timeout=TIMEOUT)
+    p = httpx.post(f"{url}/v1/predict", json=predict_body(task), timeout=TIMEOUT)
     assert s.status_code == 200 and p.status_code == 200, (s.text, p.text)
     assert s.json()["version"] == p.json()["version"]
     return s.json()["version"], Answer(s.json()["scores"], p.json()["outputs"])

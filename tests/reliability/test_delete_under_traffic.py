@@ -80,7 +80,7 @@ def test_delete_under_traffic(server: Server, payload: Payload, reference: Refer
     deleted.set()
     assert r.status_code == 204, r.text
     late = [httpx.post(f"{server.url}/v1/score", json=score_body(TASK), timeout=TIMEOUT) for _ in range(3)]
-    assert ask(server.url, OTHER)[1] == want_other  # the other task is served while the deleted one drains
+    assert ask(server.url, OTHER)[1].matches(want_other)  # the other task is served while the deleted one drains
     for t in slow + queued:
         t.join(timeout=2 * TIMEOUT)
 

@@ -94,7 +94,7 @@ def test_failed_reupload_changes_nothing(
     bad = other_payload(TASK, seed=22) if spoil is None else spoil(good)
     before = state(keeper)
     version, answer = before[2]
-    assert version == 1 and answer == reference.answer(payload(TASK, seed=21))  # serving v1 as it should
+    assert version == 1 and answer.matches(reference.answer(payload(TASK, seed=21)))  # v1 serves as it should
 
     r = upload(keeper.url, TASK, bad)
     assert r.status_code == status, r.text
@@ -114,7 +114,8 @@ def test_after_failed_swaps_a_good_one_is_the_next_version(
     r = upload(keeper.url, TASK, data)
     assert r.status_code == 201 and r.json()["version"] == 2, r.text
     assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
-    assert ask(keeper.url, TASK) == (2, reference.answer(data))
+    version, answer = ask(keeper.url, TASK)
+    assert version == 2 and answer.matches(reference.answer(data))
     assert sorted(p.name for p in (keeper.store / TASK).iterdir()) == [
         "ACTIVE",
         f"v000002-{r.json()['sha256'][:16]}.safetensors",
