@@ -63,6 +63,22 @@ def test_symlinked_task_directories_are_never_followed(tmp_path: Path) -> None:
         store.read(ref)
 
 
+def test_planted_pointer_link_or_file_is_a_conflict(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"{}")
+    root = tmp_path / "store"
+    store = LocalStore(root)
+    (root / "linked").mkdir()
+    os.symlink(outside, root / "linked" / "ACTIVE")
+    (root / "plain").write_bytes(b"x")
+    assert store.tasks() == []
+    for task in ("linked", "plain"):
+        with pytest.raises(StoreConflict):
+            store.write(task, b"x")
+    assert outside.read_bytes() == b"{}" and (root / "plain").read_bytes() == b"x"
+    assert sorted(p.name for p in (root / "linked").iterdir()) == ["ACTIVE"]
+
+
 def test_delete_removes_pointer_and_files(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     store.activate(store.write("t", b"x"))

@@ -211,11 +211,24 @@ def test_fuzz_operation(api_schema: schemathesis.BaseSchema, label: str) -> None
 
 
 def test_undocumented_method_is_405_in_error_shape(api_schema: schemathesis.BaseSchema, fuzz_server: Server) -> None:
-    for path in api_schema.raw_schema["paths"]:
+    for path, operations in api_schema.raw_schema["paths"].items():
         r = httpx.request("PATCH", fuzz_server.url + path.replace("{task}", TASK), timeout=30)
         assert r.status_code == 405, (path, r.text)
-        assert r.headers.get("allow"), path
+        # Allow lists every method the path serves, as the schema documents them (not just one route's).
+        assert set(r.headers["allow"].split(", ")) == {m.upper() for m in operations}, (path, r.headers["allow"])
         assert error_code(r) == "method_not_allowed", path
+
+
+def test_default_max_new_tokens_is_capped_by_a_lower_limit(fuzz_server: Server) -> None:
+    """The schema's default (32) is above this server's limit (8): a predict that leaves it unset is served at the
+    limit instead of being refused for a value the client never sent."""
+    body = {"task": TASK, "inputs": ["translate: hello", "x"]}
+    r = httpx.post(f"{fuzz_server.url}/v1/predict", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    at_limit = httpx.post(f"{fuzz_server.url}/v1/predict", json={**body, "max_new_tokens": MAX_NEW_TOKENS}, timeout=30)
+    assert r.json() == at_limit.json()
+    over = httpx.post(f"{fuzz_server.url}/v1/predict", json={**body, "max_new_tokens": 32}, timeout=30)
+    assert over.status_code == 422 and error_code(over) == "invalid_request", over.text  # an explicit 32 still is
 
 
 @pytest.mark.parametrize(

@@ -47,13 +47,16 @@ def require_admin(request: Request, backend: BackendDep) -> None:
 async def predict(body: PredictRequest, backend: BackendDep, response: Response) -> PredictResponse:
     limits = backend.settings
     _check_limits(backend, body.inputs)
-    if body.max_new_tokens > limits.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds {limits.max_new_tokens}")
-    if body.min_new_tokens > body.max_new_tokens:
-        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {body.max_new_tokens}")
+    limit = limits.max_new_tokens
+    # Unset, it is the schema's default, capped by the server's limit (a lower limit must not refuse the default).
+    max_new = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, limit)
+    if max_new > limit:
+        raise InvalidRequest(f"max_new_tokens {max_new} exceeds {limit}")
+    if body.min_new_tokens > max_new:
+        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {max_new}")
     if body.num_beams > limits.max_beams:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {limits.max_beams}")
-    key = BatchKey("generate", body.max_new_tokens, body.num_beams, body.min_new_tokens)
+    key = BatchKey("generate", max_new, body.num_beams, body.min_new_tokens)
     result = await backend.predict(body.task, body.inputs, key)
     _answered(backend, response, result, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)

@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 class PredictRequest(_Strict):
     task: TaskId
     inputs: list[str] = Field(min_length=1, max_length=64)
-    max_new_tokens: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1, description="unset: 32, or the server's limit if lower")
     min_new_tokens: int = Field(default=0, ge=0, description="suppress end-of-sequence before this many tokens")
     num_beams: int = Field(default=1, ge=1)
 

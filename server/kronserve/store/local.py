@@ -94,13 +94,23 @@ class LocalStore(AdapterStore):
 
     def write(self, task: str, data: bytes) -> VersionRef:
         d = self._dir(task)
-        if d.is_symlink():
-            raise StoreConflict(f"the store's entry for task {task!r} is a symlink; refusing to follow it")
+        self._refuse_planted(task)
         d.mkdir(exist_ok=True)
         ref = VersionRef(task, self._next_version(task), sha256_of(data))
         _atomic_write(d / self._file_name(ref), data, lambda: self._fault("version_temp_written"))
         self._fault("version_renamed")
         return ref
+
+    def _refuse_planted(self, task: str) -> None:
+        """StoreConflict where the task's place holds what kronserve never writes: a symlinked directory, a
+        non-directory, or an ACTIVE pointer that is a symlink or not a regular file (replacing it would hide it)."""
+        d, pointer = self._dir(task), self._pointer(task)
+        if d.is_symlink():
+            raise StoreConflict(f"the store's entry for task {task!r} is a symlink; refusing to follow it")
+        if d.exists() and not d.is_dir():
+            raise StoreConflict(f"the store's entry for task {task!r} is not a directory; refusing to replace it")
+        if pointer.is_symlink() or (pointer.exists() and not pointer.is_file()):
+            raise StoreConflict(f"task {task!r}: its {ACTIVE} pointer is a symlink or not a file; refusing to touch it")
 
     def activate(self, ref: VersionRef) -> None:
         """Move the pointer, then drop the task's other version files (the bank holds what batches use)."""
