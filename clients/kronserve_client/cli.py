@@ -73,7 +73,7 @@ def predict(
     ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task whose adapter generates.")],
     inputs: Annotated[list[str], typer.Argument(help="Input texts, one output each.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="default: the server's")] = None,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1)] = 1,
 ) -> None:
     """Generate outputs for INPUTS with TASK's adapter."""

@@ -79,9 +79,12 @@ def _body(response: httpx.Response) -> Any:
 
 
 def _predict(
-    task: str, inputs: Sequence[str], max_new_tokens: int, num_beams: int, min_new_tokens: int
+    task: str, inputs: Sequence[str], max_new_tokens: int | None, num_beams: int, min_new_tokens: int
 ) -> _Call[PredictResult]:
-    body = {"task": task, "inputs": _texts(inputs, "inputs"), "max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    """Unset, `max_new_tokens` is left to the server (32, or its limit if lower)."""
+    body: dict[str, object] = {"task": task, "inputs": _texts(inputs, "inputs"), "num_beams": num_beams}
+    if max_new_tokens is not None:
+        body["max_new_tokens"] = max_new_tokens
     if min_new_tokens:
         body["min_new_tokens"] = min_new_tokens
     return _Call("POST", "/v1/predict", lambda r: PredictResult.from_json(_body(r)), json=body)
@@ -160,7 +163,12 @@ class KronserveClient:
         return call.finish(self._http.request(call.method, call.path, json=call.json, files=call.files))
 
     def predict(
-        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, min_new_tokens: int = 0
+        self,
+        task: str,
+        inputs: Sequence[str],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
     ) -> PredictResult:
         """Generate one output per input with the task's current adapter (the server allows 1..64 inputs)."""
         return self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
@@ -235,7 +243,12 @@ class AsyncKronserveClient:
         return call.finish(await self._http.request(call.method, call.path, json=call.json, files=call.files))
 
     async def predict(
-        self, task: str, inputs: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, min_new_tokens: int = 0
+        self,
+        task: str,
+        inputs: Sequence[str],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
     ) -> PredictResult:
         """See `KronserveClient.predict`."""
         return await self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))

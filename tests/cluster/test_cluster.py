@@ -109,7 +109,7 @@ def test_replica_death_then_upload_reaches_every_holder(
     assert answers[-1].headers["x-kronserve-replica"] == "replica-0"
 
     deadline = time.monotonic() + 180
-    while not ((r1 := replicas(cluster.url)["replica-1"]).get("ready") and r1["pid"] != victim):
+    while not ((r1 := replicas(cluster.url)["replica-1"]).get("routable") and r1["pid"] != victim):
         assert time.monotonic() < deadline, "Serve did not replace the dead replica"
         time.sleep(0.5)
     assert ask(cluster.url, task).headers["x-kronserve-replica"] == "replica-1"  # back on its owner

@@ -107,7 +107,12 @@ class ClusterBackend:
         return _relabelled(texts)
 
     async def replicas(self) -> list[dict[str, Any]]:
-        return [await self._info(name) or {"name": name, "ready": False} for name in self.handles]
+        """Each replica's own report, and whether this gateway routes to it now (`routable`, from its probe)."""
+        infos = await asyncio.gather(*(self._info(name) for name in self.handles))
+        return [
+            {**(info or {"name": name, "ready": False}), "routable": self.up[name]}
+            for name, info in zip(self.handles, infos, strict=True)
+        ]
 
     # ---- routing -------------------------------------------------------------------------------
     async def _pin(self, task: str) -> VersionRef:
@@ -147,6 +152,8 @@ class ClusterBackend:
             if not self.up[name]:
                 response.cancel()
                 waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting  # collect the cancellation, so nothing is left unretrieved
                 raise DeploymentUnavailableError(f"replica {name} went down while the request waited")
 
     async def _everywhere(self, method: str, with_names: bool = False) -> list[Any]:
