@@ -43,3 +43,19 @@ def test_bad_option_is_a_clean_error(tmp_path: Path, tiny_dir: Path) -> None:
     assert r.returncode == 2
     assert "error: phm_dim 3 does not divide d_model 128" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_store_check_exits_1_on_orphans_and_repair_cleans(tmp_path: Path) -> None:
+    from kronserve.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    store.activate(store.write("t", b"served"))
+    store.write("t", b"an upload that never finished")
+    found = kronserve("store", "check", str(tmp_path))
+    assert (
+        found.returncode == 1
+        and json.loads(found.stdout)["ok"] == ["t"]
+        and len(json.loads(found.stdout)["orphans"]) == 1
+    )
+    repaired = kronserve("store", "check", str(tmp_path), "--repair")
+    assert repaired.returncode == 0 and store.check().clean and store.read(store.active("t")) == b"served"

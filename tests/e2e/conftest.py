@@ -67,11 +67,12 @@ class Server:
         return self.proc.wait(timeout=30 if self.mode == "single" else 90)
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="session", params=MODES)
 def server(
     request: pytest.FixtureRequest, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """The same tests, one process or a cluster: the API contract is one."""
+    """The same tests, one process or a cluster: the API contract is one. Tests use their own task ids, so one
+    server per mode serves the whole session."""
     s = Server(tiny_dir, tmp_path_factory.mktemp(f"store-{request.param}"), request.param).start()
     yield s
     s.stop()
