@@ -107,15 +107,27 @@ def reference(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s.stop()
 
 
-@pytest.fixture(scope="package")
-def payload(tiny_dir: Path) -> Payload:
-    """Native adapter files for the tiny backbone; std 0.3 makes each seed answer clearly differently."""
-    bb = load_backbone(str(tiny_dir), device="cpu")
+def _payload_for(backbone_dir: Path) -> Payload:
+    bb = load_backbone(str(backbone_dir), device="cpu")
 
     def make(task: str, method: str = "compacter", seed: int = 0, std: float = 0.3, **overrides) -> bytes:
         return dumps(make_adapter(bb, task, method, seed=seed, std=std, **overrides))
 
     return make
+
+
+@pytest.fixture(scope="package")
+def payload(tiny_dir: Path) -> Payload:
+    """Native adapter files for the tiny backbone; std 0.3 makes each seed answer clearly differently."""
+    return _payload_for(tiny_dir)
+
+
+@pytest.fixture
+def server(tiny_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    """A fresh server on an empty store, for a test whose counts or state must start from nothing."""
+    s = Server(tiny_dir, tmp_path / "store").start()
+    yield s
+    s.stop()
 
 
 def error_code(r: httpx.Response) -> str:
@@ -171,12 +183,7 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="package")
 def other_payload(other_tiny_dir: Path) -> Payload:
     """Native adapter files made for another backbone of the same shape (a server on tiny_dir must refuse them)."""
-    bb = load_backbone(str(other_tiny_dir), device="cpu")
-
-    def make(task: str, method: str = "compacter", seed: int = 0, std: float = 0.3, **overrides) -> bytes:
-        return dumps(make_adapter(bb, task, method, seed=seed, std=std, **overrides))
-
-    return make
+    return _payload_for(other_tiny_dir)
 
 
 def store_check(store: Path) -> tuple[int, dict]:

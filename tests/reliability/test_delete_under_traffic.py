@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import pytest
 
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Answer, Payload, Reference, ask, error_code, metric, score_body
@@ -31,13 +29,6 @@ class Call:
     received: float
     status: int
     body: dict
-
-
-@pytest.fixture
-def server(tiny_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    s = Server(tiny_dir, tmp_path / "store").start()
-    yield s
-    s.stop()
 
 
 def test_delete_under_traffic(server: Server, payload: Payload, reference: Reference) -> None:

@@ -5,12 +5,9 @@ per-task requests, batches and rows, and the active/resident adapter gauges."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
-import pytest
 
 from ..e2e.conftest import Server
 from .conftest import TIMEOUT, Payload, error_code, metric_samples
@@ -55,13 +52,6 @@ class Script:
             self.task_requests[(task, kind)] += 1
             self.batches["score" if kind == "score" else "generate"] += 1
             self.rows += n
-
-
-@pytest.fixture
-def server(tiny_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    s = Server(tiny_dir, tmp_path / "store").start()
-    yield s
-    s.stop()
 
 
 def run_script(s: Script, payload: Payload, other_payload: Payload) -> None:
