@@ -7,12 +7,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
-import pytest
 
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Payload, Reference, metric, predict_body, score_body
@@ -75,13 +72,6 @@ class Load:
                     continue
                 values = r.json()["scores" if kind == "score" else "outputs"]
                 self.calls.append(Call(i, kind, sent, time.monotonic(), r.json()["version"], values))
-
-
-@pytest.fixture
-def server(tiny_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    s = Server(tiny_dir, tmp_path / "store").start()
-    yield s
-    s.stop()
 
 
 def test_reupload_under_32_clients_never_fails_and_never_goes_back(
