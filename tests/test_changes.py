@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,3 +92,18 @@ def test_tasks_a_process_does_not_hold_stay_unloaded(
     feed_a.publish("other")
     time.sleep(0.5)
     assert b.registry.peek("other") is None and b.bank.loaded() == 0
+
+
+def test_publishing_never_waits_for_an_unreachable_redis(engine: Engine) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket closes
+    feed = ChangeFeed(engine.registry, f"redis://127.0.0.1:{closed}/0", 0.0)
+    feed.start()
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            feed.publish("t")
+        assert time.monotonic() - started < 1.0  # each Redis attempt alone may take its 2 s connect timeout
+    finally:
+        feed.stop()

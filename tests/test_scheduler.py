@@ -136,3 +136,33 @@ def test_request_that_waits_too_long_times_out(engine: Engine, tasks: list[str])
         await s.drain_and_stop()
 
     asyncio.run(run())
+
+
+def test_a_request_whose_caller_gave_up_is_dropped_not_run(engine: Engine, tasks: list[str]) -> None:
+    """The cluster gateway cancels a call it re-sends elsewhere: the queued job must not run after its lease ends."""
+    release = gate(engine)
+    rows_run: list[int] = []
+    original = engine.generate_leased
+
+    def counted(entries, inputs, *a, **kw):
+        rows_run.append(len(inputs))
+        return original(entries, inputs, *a, **kw)
+
+    engine.generate_leased = counted  # type: ignore[method-assign]
+
+    async def run() -> None:
+        s = make(engine, wait_ms=0)
+        s.start()
+        first = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
+        await asyncio.sleep(0.1)  # the first is now inside the (held) engine
+        abandoned = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[1]), ["b", "c"], None, 4))
+        kept = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[2]), ["d"], None, 2))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        release.set()
+        await asyncio.gather(first, kept)
+        assert abandoned.cancelled()
+        await s.drain_and_stop()
+
+    asyncio.run(run())
+    assert rows_run == [1, 1]  # the first alone, then only the kept request: the abandoned two rows never ran

@@ -12,7 +12,7 @@ from kronserve.engine import Engine
 from kronserve.errors import InvalidAdapter, InvalidRequest, UnknownTask
 from kronserve.formats.native import dumps
 from kronserve.metrics import Metrics
-from kronserve.store import LocalStore, StoreConflict, StoreError
+from kronserve.store import LocalStore, StoreConflict, StoreError, VersionRef
 
 
 def test_versions_are_immutable_files_and_the_pointer_moves(tmp_path: Path) -> None:
@@ -159,3 +159,15 @@ def test_epoch_moves_on_every_pointer_change(tmp_path: Path) -> None:
     seen.append(store.epoch())
     assert seen[0] == "" and len(set(seen)) == 4
     assert store.tasks() == [] and store.check().clean
+
+
+def test_two_processes_sharing_a_directory_never_leave_a_pointer_to_a_missing_file(tmp_path: Path) -> None:
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    ra = a.write("t", b"from a")
+    rb = b.write("t", b"from b")  # b's upload is between its write and its activate...
+    a.activate(ra)  # ...when a's lands: a must not remove b's newer file
+    b.activate(rb)
+    assert b.active("t") == rb and a.read(a.active("t")) == b"from b"
+    assert a.check().clean  # a's older version went when b's became active
+    a.discard(VersionRef("t", rb.version, "0" * 64))  # exact file only: the same number with other bytes
+    assert a.read(a.active("t")) == b"from b"

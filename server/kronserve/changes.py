@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from typing import Any
 
@@ -25,31 +26,38 @@ class ChangeFeed:
         self.registry, self.redis_url, self.poll_s = registry, redis_url, poll_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._redis: Any = None
         if redis_url:
             import redis  # the cluster extra; a single process without --redis never needs it
 
-            self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
 
     def start(self) -> None:
         if self._redis is not None:
             self._spawn(self._listen, "kronserve-feed-redis")
+            self._spawn(self._send, "kronserve-feed-publish")
         if self.poll_s > 0:
             self._spawn(self._poll, "kronserve-feed-poll")
 
     def stop(self) -> None:
         self._stop.set()
+        self._outbox.put(None)
         for t in self._threads:
             t.join(timeout=5)
 
     def publish(self, task: str) -> None:
-        """Tell every other process that `task` changed; a failure only delays them until their next poll."""
-        if self._redis is None:
-            return
-        try:
-            self._redis.publish(CHANNEL, task)
-        except Exception as e:
-            log.warning("change feed: could not publish %r (%s); pollers will see it", task, e)
+        """Tell every other process that `task` changed. Never blocks the caller: a slow or absent Redis
+        must not stall an upload; a message that cannot be sent only delays the others until their poll."""
+        if self._redis is not None:
+            self._outbox.put(task)
+
+    def _send(self) -> None:
+        while (task := self._outbox.get()) is not None:
+            try:
+                self._redis.publish(CHANNEL, task)
+            except Exception as e:  # redis raises many kinds; the epoch poll covers all of them
+                log.warning("change feed: could not publish %r (%s); pollers will see it", task, e)
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -71,26 +79,30 @@ class ChangeFeed:
                 self._stop.wait(1)
 
     def _poll(self) -> None:
+        """Rescan the held tasks when the epoch moved; a scan with a failure is retried at the next tick."""
         seen = self._epoch()
         while not self._stop.wait(self.poll_s):
             now = self._epoch()
             if now is not None and now != seen:
-                seen = now
-                for entry in self.registry.entries():
-                    self._refresh(entry.task)
+                refreshed = [self._refresh(entry.task) for entry in self.registry.entries()]
+                if all(refreshed):
+                    seen = now
 
     def _epoch(self) -> str | None:
         try:
             return self.registry.store.epoch() if self.registry.store else None
-        except KronserveError as e:
+        except Exception as e:
             log.warning("change feed: cannot read the store epoch (%s)", e)
             return None
 
-    def _refresh(self, task: str) -> None:
+    def _refresh(self, task: str) -> bool:
         if self.registry.peek(task) is None:
-            return  # not served here: loaded on demand if a request for it comes
+            return True  # not served here: loaded on demand if a request for it comes
         try:
             self.registry.refresh(task)
-        except KronserveError as e:
-            self.registry.metrics.adapter_load_failures.labels("store", e.code).inc()
+            return True
+        except Exception as e:
+            code = e.code if isinstance(e, KronserveError) else "internal"
+            self.registry.metrics.adapter_load_failures.labels("store", code).inc()
             log.error("change feed: cannot refresh %r: %s", task, e)
+            return False

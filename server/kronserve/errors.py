@@ -67,6 +67,12 @@ class RequestTimeout(Overloaded):
     code = "timeout"
 
 
+class ReplicaUnavailable(Overloaded):
+    """Cluster: no replica could take the request, or one died during an upload or delete (retry)."""
+
+    code = "replica_unavailable"
+
+
 class Unauthorized(KronserveError):
     code = "unauthorized"
 

@@ -8,8 +8,10 @@ server with thousands of tasks exports at most max_tasks + 1 task series per met
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 OTHER_TASK = "__other__"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -72,3 +74,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merged_with_source(texts: dict[str, bytes]) -> bytes:
+    """Prometheus texts of several registries (the cluster gateway's and each replica's) as one, every sample
+    labelled `replica="<source>"`: the same metric names stay one family, told apart by the label."""
+    families: dict[str, Any] = {}
+    for source, text in texts.items():
+        for family in text_string_to_metric_families(text.decode()):
+            samples = [s._replace(labels={**s.labels, "replica": source}) for s in family.samples]
+            merged = families.setdefault(family.name, family)
+            if merged is family:
+                family.samples = samples
+            else:
+                merged.samples.extend(samples)
+    return generate_latest(_Families(list(families.values())))
+
+
+class _Families(CollectorRegistry):
+    """Parsed families, rendered again by prometheus_client's own exposition code."""
+
+    def __init__(self, families: list[Any]) -> None:
+        super().__init__()
+        self._families = families
+
+    def collect(self) -> Any:
+        yield from self._families

@@ -128,6 +128,11 @@ class Scheduler:
         except TimeoutError:
             job.future.cancel()
             raise RequestTimeout(f"request did not finish within {self.timeout_s:g} s", retry_after=1) from None
+        except asyncio.CancelledError:
+            # The caller gave up (a client left, or the cluster gateway re-sent the request elsewhere): a queued
+            # job is dropped, not run; rows of a batch already running are discarded when it ends.
+            job.future.cancel()
+            raise
 
     async def _run(self) -> None:
         while True:

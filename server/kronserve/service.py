@@ -4,7 +4,7 @@ The API calls it through the `Backend` protocol (api/backend.py), the same one t
 implements, so one set of routes serves both. Built in the app factory; nothing is module-global.
 The backbone loads on a thread after the server starts, so `/healthz` answers at once and `/readyz`
 turns 200 only once the backbone is loaded and the store scanned. A cluster replica is this same
-class with a name (the `x-kronserve-replica` header), no store preload, and a change feed.
+class with a name (the `x-kronserve-replica` header), a preload of its ring share only, and a change feed.
 """
 
 from __future__ import annotations
@@ -132,9 +132,12 @@ class Service:
 
     async def delete(self, task: str) -> None:
         registry = self.engine.registry
-        if self.preload is not None and registry.peek(task) is None:
-            await asyncio.to_thread(registry.refresh, task)  # a replica holds only the tasks it was asked for
-        await asyncio.to_thread(registry.delete, task)
+        if registry.peek(task) is None and self.preload is not None and registry.store is not None:
+            # A replica holds only some tasks: delete one it does not hold from the store, without loading it
+            # (a version that cannot load must still be deletable).
+            await asyncio.to_thread(registry.store.delete, task)
+        else:
+            await asyncio.to_thread(registry.delete, task)
         if self.changes is not None:
             self.changes.publish(task)
 

@@ -22,7 +22,7 @@ from ..errors import (
     UnknownTask,
     UnsupportedFormat,
 )
-from ..store import StoreConflict
+from ..store import StoreConflict, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ STATUS: list[tuple[type[KronserveError], int]] = [
     (InvalidRequest, 422),
     (Overloaded, 503),
     (BankFull, 503),
+    (StoreError, 503),
 ]
 _HTTP_CODES = {
     400: "malformed_json",
@@ -82,6 +83,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _kronserve(request: Request, exc: KronserveError) -> JSONResponse:
         status = status_of(exc)
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
+        if isinstance(exc, StoreError) and status == 503:  # storage unreachable or a stored file unreadable
+            headers = {"Retry-After": "5"}
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         if status == 500:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -41,6 +42,11 @@ class Gateway:
         self.backend = ClusterBackend(settings, names, replicas)
         await self.backend.start()
 
+    def check_health(self) -> None:
+        """Serve restarts a gateway whose replica probe has stopped: its routing view would be frozen."""
+        if not self.backend.probing:
+            raise RuntimeError("the replica probe is not running")
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self.backend.settings, self.backend)
         app.include_router(cluster_router)
@@ -51,6 +57,8 @@ def build(settings: Settings) -> Application:
     """The application graph. Replicas poll the store epoch (0.5 s unless set) even when Redis is given."""
     if settings.backbone is None:
         settings = settings.model_copy(update={"backbone": default_backbone(settings.cache_dir)})
+    if not settings.store.startswith("s3://"):  # every Ray worker must find the same directory
+        settings = settings.model_copy(update={"store": str(Path(settings.store).resolve())})
     names = [f"replica-{i}" for i in range(settings.replicas)]
     threads = max(1, (os.cpu_count() or 1) // settings.replicas)
     on_replicas = settings.model_copy(update={"store_poll_s": settings.store_poll_s or 0.5})

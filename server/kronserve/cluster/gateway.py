@@ -16,26 +16,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client.exposition import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings
-from ..errors import NotReady, Overloaded, UnknownTask
-from ..metrics import Metrics
+from ..errors import KronserveError, NotReady, ReplicaUnavailable, UnknownTask
+from ..metrics import Metrics, merged_with_source
 from ..scheduler import BatchKey, Result
 from ..store import VersionRef, open_store
 from .ring import Ring
 
 log = logging.getLogger(__name__)
 _REPLICA_DIED = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
-
-
-class ReplicaUnavailable(Overloaded):
-    code = "replica_unavailable"
 
 
 class ClusterBackend:
@@ -92,10 +85,12 @@ class ClusterBackend:
                 continue
             info = held.get((task, ref.sha256))
             if info is None:
-                with contextlib.suppress(UnknownTask):
+                try:
                     info = await self._forward(task, "adapter", task, ref)
-            if info is not None:
-                out.append(info)
+                except KronserveError as e:  # as the single process does: a version that cannot load is left out
+                    log.error("list: skipping task %r: %s", task, e)
+                    continue
+            out.append(info)
         return out
 
     async def metrics_text(self) -> bytes:
@@ -104,7 +99,7 @@ class ClusterBackend:
         for name, text in zip(self.handles, await self._everywhere("metrics_text", with_names=True), strict=True):
             if text is not None:
                 texts[name] = text
-        return _relabelled(texts)
+        return merged_with_source(texts)
 
     async def replicas(self) -> list[dict[str, Any]]:
         """Each replica's own report, and whether this gateway routes to it now (`routable`, from its probe)."""
@@ -163,8 +158,9 @@ class ClusterBackend:
             if not self.up[name]:
                 return None
             try:
-                return (await self.handles[name].call.remote(method)).unwrap()
-            except _REPLICA_DIED as e:
+                call = self.handles[name].call.remote(method)
+                return (await asyncio.wait_for(_awaited(call), timeout=5 * self.settings.probe_timeout_s)).unwrap()
+            except (TimeoutError, *_REPLICA_DIED) as e:
                 self._down(name, e)
                 return None
 
@@ -177,14 +173,22 @@ class ClusterBackend:
         self.up[name] = False
 
     async def _info(self, name: str) -> dict[str, Any] | None:
+        """The replica's report, or None when it does not answer in time or at all (for any reason)."""
         try:
-            return await asyncio.wait_for(self.handles[name].info.remote(), timeout=self.settings.probe_timeout_s)
-        except (TimeoutError, *_REPLICA_DIED):
+            return await asyncio.wait_for(
+                _awaited(self.handles[name].info.remote()), timeout=self.settings.probe_timeout_s
+            )
+        except Exception as e:
+            log.debug("probe of %s failed: %r", name, e)
             return None
+
+    @property
+    def probing(self) -> bool:
+        return self._probe is not None and not self._probe.done()
 
     async def _probe_forever(self) -> None:
         """Keep `up` true to each replica's state: the gateway routes around a dead one at once."""
-        while True:
+        while True:  # `_info` turns every failure into None, so this loop only ends when cancelled
             infos = await asyncio.gather(*(self._info(name) for name in self.handles))
             for name, info in zip(self.handles, infos, strict=True):
                 was, self.up[name] = self.up[name], bool(info and info["ready"])
@@ -195,26 +199,3 @@ class ClusterBackend:
 
 async def _awaited(response: Any) -> Any:
     return await response
-
-
-def _relabelled(texts: dict[str, bytes]) -> bytes:
-    """Merge Prometheus texts from several registries into one, adding `replica="<source>"` to every sample."""
-    families: dict[str, Any] = {}
-    for source, text in texts.items():
-        for family in text_string_to_metric_families(text.decode()):
-            samples = [s._replace(labels={**s.labels, "replica": source}) for s in family.samples]
-            merged = families.setdefault(family.name, family)
-            if merged is family:
-                family.samples = samples
-            else:
-                merged.samples.extend(samples)
-    return generate_latest(_Collected(list(families.values())))
-
-
-class _Collected(CollectorRegistry):
-    def __init__(self, families: list[Any]) -> None:
-        super().__init__()
-        self._families = families
-
-    def collect(self) -> Any:
-        yield from self._families

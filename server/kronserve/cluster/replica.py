@@ -52,7 +52,3 @@ class Replica:
         entries = self.service.engine.registry.entries() if self.service.ready else []
         tasks = {e.task: e.version for e in entries}
         return {"name": self.name, "pid": os.getpid(), "ready": self.service.ready, "tasks": tasks}
-
-    def check_health(self) -> None:
-        if self.service.startup_error:
-            raise RuntimeError(self.service.startup_error)

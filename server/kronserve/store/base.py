@@ -19,13 +19,14 @@ TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 
 class StoreError(KronserveError):
-    """The store cannot do what was asked (unreadable, corrupt, I/O): a server-side problem (500)."""
+    """The store cannot do what was asked (unreachable, unreadable, corrupt): 503, the operator's problem."""
 
     code = "store_error"
 
 
 class StoreConflict(StoreError):
-    """The store holds something at the task's place that kronserve will not touch (e.g. a planted symlink)."""
+    """409: the store holds something at the task's place that kronserve will not touch (a planted symlink),
+    or another writer moved the task's pointer first (S3's conditional write)."""
 
     code = "store_conflict"
 

@@ -7,9 +7,10 @@ Layout, one directory per task:
     <root>/EPOCH                                       rewritten after every pointer move (the change feed's poll)
 
 Every write is temp file -> fsync -> rename -> fsync(dir), so a crash at any moment leaves the
-previous ACTIVE pointer and its file intact. Once a new version is active the task's other version
+previous ACTIVE pointer and its file intact. Once a new version is active the task's older version
 files are removed, so a version file without a pointer to it is an orphan (an upload that did not
-finish); it is never served, and `check(repair=True)` removes it. Symlinks are never followed.
+finish, or lost a race with another process); it is never served, and `check(repair=True)` removes it.
+Symlinks are never followed.
 """
 
 from __future__ import annotations
@@ -113,18 +114,22 @@ class LocalStore(AdapterStore):
             raise StoreConflict(f"task {task!r}: its {ACTIVE} pointer is a symlink or not a file; refusing to touch it")
 
     def activate(self, ref: VersionRef) -> None:
-        """Move the pointer, then drop the task's other version files (the bank holds what batches use)."""
+        """Move the pointer, then drop the task's older version files (the bank holds what batches use).
+
+        Only older ones: another process sharing the directory may be between writing a newer version and
+        activating it, and its file must still be there when its pointer moves.
+        """
         body = json.dumps({"version": ref.version, "sha256": ref.sha256, "file": self._file_name(ref)})
         _atomic_write(self._pointer(ref.task), body.encode(), lambda: self._fault("pointer_temp_written"))
         self._fault("pointer_renamed")
         self._bump_epoch()
         for old in self.versions(ref.task):
-            if old.version != ref.version:
+            if old.version < ref.version:
                 self.discard(old)
 
     def discard(self, ref: VersionRef) -> None:
-        for p in self._dir(ref.task).glob(f"v{ref.version:06d}-*.safetensors"):
-            p.unlink(missing_ok=True)
+        """Remove exactly this version's file (another writer may hold the same number with other bytes)."""
+        (self._dir(ref.task) / self._file_name(ref)).unlink(missing_ok=True)
 
     def check(self, repair: bool = False) -> CheckReport:
         """Verify every task's pointer and the hash of its active file; list (and with repair, remove) orphans.
