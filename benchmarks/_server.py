@@ -79,3 +79,15 @@ class Server:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """/metrics as {series (with labels): value}."""
+    r = await client.get(f"{url}/metrics")
+    r.raise_for_status()
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from _server import Server
+from _server import Server, scrape
 from transformers.utils import logging as hf_logging
 
 from kronserve.backbone import load_backbone, write_tiny_backbone
@@ -86,18 +86,6 @@ def row_hist(run: Run) -> str:
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
-
-
-async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
-    """/metrics as {series (with labels): value}."""
-    r = await client.get(f"{url}/metrics")
-    r.raise_for_status()
-    out = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 # ---- measurement 1: closed-loop throughput over HTTP --------------------------------------------------------

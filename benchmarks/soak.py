@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from _server import Server
+from _server import Server, scrape
 from transformers.utils import logging as hf_logging
 
 from kronserve.backbone import load_backbone, write_tiny_backbone
@@ -177,14 +177,7 @@ class Soak:
 
     async def metrics(self) -> dict[str, float]:
         assert self.client is not None
-        r = await self.client.get(f"{self.url}/metrics")
-        r.raise_for_status()
-        out = {}
-        for line in r.text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return await scrape(self.client, self.url)
 
     async def sample(self, t0: float) -> Sample:
         m = await self.metrics()
