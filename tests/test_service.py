@@ -35,6 +35,14 @@ def test_a_replica_loads_its_share_serves_others_on_demand_and_deletes_what_it_c
             assert store.active("broken") is None
             predicted = await service.predict("mine", ["x"], BatchKey("generate", 2))
             assert predicted.replica == "r0"
+
+            owned = "mine".__eq__
+            assert service.evict_idle(owned, idle_s=3600) == []  # "other" was used just now
+            assert service.evict_idle(owned, idle_s=0) == ["other"]  # its owner is back: the copy goes...
+            assert [e.task for e in service.engine.registry.entries()] == ["mine"]
+            assert service.engine.bank.loaded() == 1 and store.active("other") == pin  # ...the store keeps it
+            again = await service.score("other", ["x"], ["y"], pin)  # and a later spill loads it again
+            assert again.values == result.values
         finally:
             await service.stop()
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
     replicas: int = Field(default=2, ge=1, description="kronserve cluster: backbone replicas")
     replica_gpus: float = Field(default=0, ge=0, description="kronserve cluster: GPUs each replica asks Ray for")
+    spill_idle_s: float = Field(
+        default=300, gt=0, description="kronserve cluster: drop a replica's copy of another's task idle this long"
+    )
     ray_address: str | None = Field(default=None, description="kronserve cluster: join this Ray cluster")
     probe_interval_s: float = Field(default=0.5, gt=0, description="kronserve cluster: gateway's replica probe period")
     probe_timeout_s: float = Field(default=2.0, gt=0, description="kronserve cluster: a probe slower than this is down")

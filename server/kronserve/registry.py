@@ -69,6 +69,8 @@ class Registry:
         self._retired: set[int] = set()
         self._free: list[int] = []
         self._next_slot = 0
+        self._last_used: dict[str, float] = {}
+        self._started = time.monotonic()
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, task: str) -> Entry:
@@ -104,6 +106,8 @@ class Registry:
                 if t is not None and e is None:
                     raise UnknownTask(f"unknown task {t!r}")
             self._refs.update(e.slot for e in entries if e is not None)
+            now = time.monotonic()
+            self._last_used.update((t, now) for t in tasks if t is not None)
         return entries
 
     def release(self, entries: Sequence[Entry | None]) -> None:
@@ -157,9 +161,25 @@ class Registry:
                 self.store.delete(task)
             with self._lock:
                 del self._active[task]
+                self._last_used.pop(task, None)
                 self._retire(entry.slot)
         self._update_gauges()
         return entry
+
+    def evict(self, task: str) -> Entry | None:
+        """Stop serving `task` here, leaving the store alone: a cluster replica drops its copy of a task
+        another replica owns once it is idle. Batches holding it finish first (the slot is retired)."""
+        with self._mutate, self._lock:
+            entry = self._active.pop(task, None)
+            if entry is not None:
+                self._last_used.pop(task, None)
+                self._retire(entry.slot)
+        self._update_gauges()
+        return entry
+
+    def idle_s(self, task: str) -> float:
+        """Seconds since a request last took `task` (since start-up if none has)."""
+        return time.monotonic() - self._last_used.get(task, self._started)
 
     def load_store(self, select: Callable[[str], bool] | None = None) -> list[str]:
         """Serve every active version in the store (or those `select` picks); a bad one is logged, counted, skipped."""

@@ -152,6 +152,15 @@ class Service:
     async def metrics_text(self) -> bytes:
         return self.metrics.render()
 
+    def evict_idle(self, keep: Callable[[str], bool], idle_s: float) -> list[str]:
+        """Drop held tasks that `keep` does not claim and no request used for `idle_s` (a replica's spill and
+        failover copies), so memory returns to the ring share once the owner is back."""
+        registry = self.engine.registry
+        idle = [e.task for e in registry.entries() if not keep(e.task) and registry.idle_s(e.task) >= idle_s]
+        for task in idle:
+            registry.evict(task)
+        return idle
+
     def _described(self, entry: Entry) -> dict[str, object]:
         return {**entry.describe(), "replica": self.name}
 

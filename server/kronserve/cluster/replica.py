@@ -1,4 +1,5 @@
-"""A backbone replica: the single-process `Service`, named, loading its ring share and others on demand.
+"""A backbone replica: the single-process `Service`, named, loading its ring share and others on demand
+(a spill or a failover), and dropping those others again once idle for `spill_idle_s`.
 
 Replies travel as an `Outcome` so a kronserve error (404, 422, 503…) reaches the gateway as itself,
 not as a Ray task failure; anything else is a bug and does fail the call.
@@ -6,6 +7,8 @@ not as a Ray task failure; anything else is a bug and does fail the call.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +19,8 @@ from ..config import Settings
 from ..errors import KronserveError
 from ..service import Service
 from .ring import Ring
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,8 +42,17 @@ class Replica:
         torch.set_num_threads(threads)
         ring = Ring(replicas)
         self.name = name
-        self.service = Service(settings, name=name, preload=lambda task: ring.owner(task) == name)
+        self.owns = lambda task: ring.owner(task) == name
+        self.service = Service(settings, name=name, preload=self.owns)
         await self.service.start()
+        self._evicting = asyncio.create_task(self._evict_forever(settings.spill_idle_s))
+
+    async def _evict_forever(self, idle_s: float) -> None:
+        while True:
+            await asyncio.sleep(max(idle_s / 4, 1.0))
+            dropped = self.service.evict_idle(self.owns, idle_s)
+            if dropped:
+                log.info("%s: dropped idle copies of %s (owned by other replicas)", self.name, dropped)
 
     async def call(self, method: str, *args: Any) -> Outcome:
         """Run one `Backend` method of the service (predict, score, upload, delete, adapter(s), metrics_text)."""
