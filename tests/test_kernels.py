@@ -1,15 +1,24 @@
-"""The gathered fast path against the row-by-row reference, random slots, mixed activations, dtypes."""
+"""Every fast path against the row-by-row reference: random slots, mixed activations, dtypes."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kronserve.kernels import routed_bottleneck, routed_bottleneck_reference
+from kronserve.kernels import ReferenceKernels, TorchKernels, select_kernels
+
+FAST = [TorchKernels(), select_kernels(torch.device("cpu"))]
+TOLERANCES = [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)]
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
-def test_fast_path_matches_reference(dtype: torch.dtype, tol: float) -> None:
+def _close(got: torch.Tensor, expect: torch.Tensor, tol: float) -> None:
     """Tolerance is relative to the output's scale: bf16 rounds both paths differently."""
+    scale = expect.abs().max().item()
+    assert (got.double() - expect.double()).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("fast", FAST, ids=lambda k: k.name)
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
+def test_bottleneck_fast_path_matches_reference(fast, dtype: torch.dtype, tol: float) -> None:
     g = torch.Generator().manual_seed(0)
     slots, b, m, d, k = 6, 9, 5, 32, 8
     bank = [torch.randn(slots, *s, generator=g).to(dtype) for s in ((d, k), (k,), (k, d), (d,))]
@@ -18,14 +27,25 @@ def test_fast_path_matches_reference(dtype: torch.dtype, tol: float) -> None:
     z = torch.randn(b, m, d, generator=g).to(dtype)
     relu_rows = torch.rand(b, generator=g) > 0.5
     acts = [(F.gelu, None), (F.relu, relu_rows.view(-1, 1, 1))]
-    got = routed_bottleneck(z, *gathered, acts)
-    expect = routed_bottleneck_reference(z, *gathered, acts)
-    scale = expect.abs().max().item()
-    assert (got.double() - expect.double()).abs().max().item() <= tol * scale
+    _close(fast.bottleneck(z, *gathered, acts), ReferenceKernels().bottleneck(z, *gathered, acts), tol)
 
 
-def test_zero_weights_give_exact_zero() -> None:
+@pytest.mark.parametrize("fast", FAST, ids=lambda k: k.name)
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
+def test_lora_fast_path_matches_reference(fast, dtype: torch.dtype, tol: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    slots, b, m, fan_in, r, fan_out = 5, 7, 3, 24, 4, 40
+    a_bank = torch.randn(slots, fan_in, r, generator=g).to(dtype)
+    b_bank = torch.randn(slots, r, fan_out, generator=g).to(dtype)
+    rows = torch.randint(0, slots, (b,), generator=g)
+    x = torch.randn(b, m, fan_in, generator=g).to(dtype)
+    _close(fast.lora(x, a_bank[rows], b_bank[rows]), ReferenceKernels().lora(x, a_bank[rows], b_bank[rows]), tol)
+
+
+@pytest.mark.parametrize("kernels", [*FAST, ReferenceKernels()], ids=lambda k: k.name)
+def test_zero_weights_give_exact_zero(kernels) -> None:
     z = torch.randn(3, 4, 16)
     zeros = [torch.zeros(3, 16, 4), torch.zeros(3, 4), torch.zeros(3, 4, 16), torch.zeros(3, 16)]
     for act in (F.gelu, F.relu, F.silu, lambda h: F.gelu(h, approximate="tanh")):
-        assert torch.count_nonzero(routed_bottleneck(z, *zeros, [(act, None)])) == 0
+        assert torch.count_nonzero(kernels.bottleneck(z, *zeros, [(act, None)])) == 0
+    assert torch.count_nonzero(kernels.lora(z, torch.zeros(3, 16, 2), torch.zeros(3, 2, 8))) == 0

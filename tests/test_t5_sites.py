@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kronserve.engine import Engine
 from kronserve.formats.native import AdapterFile
-from kronserve.routing import Route
+from kronserve.plan import Route
 
 ACTS = {"gelu": F.gelu, "gelu_new": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "swish": F.silu}
 

@@ -20,7 +20,7 @@ from kronserve.engine import Engine
 from kronserve.errors import InvalidRequest, KronserveError
 from kronserve.formats.native import AdapterFile, load
 from kronserve.methods import init_tensors, preset
-from kronserve.routing import Route
+from kronserve.plan import Route
 from kronserve.t5_sites import base_norms
 from kronserve.train import (
     Example,

@@ -13,25 +13,16 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import BankFull, InvalidAdapter
 from .formats.native import AdapterFile
-from .kernels import Act, routed_bottleneck
+from .kernels import select_kernels
 from .methods import DenseAdapter, Geometry, LoraSpec
-from .routing import Route
-
-PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
-ACTIVATIONS: dict[str, Act] = {
-    "gelu": F.gelu,  # exact erf form
-    "gelu_new": lambda h: F.gelu(h, approximate="tanh"),  # HF's NewGELU formula, as one fused op
-    "relu": F.relu,
-    "swish": F.silu,
-}
+from .plan import BatchPlan, Route
 
 
 @dataclass
-class _Stacks:
+class Stacks:
     down_w: torch.Tensor  # [sites, rows, d, K]
     down_b: torch.Tensor  # [sites, rows, K]
     up_w: torch.Tensor  # [sites, rows, K, d]
@@ -41,7 +32,7 @@ class _Stacks:
 
 
 @dataclass(frozen=True)
-class _RowInfo:
+class RowInfo:
     k: int
     sites: frozenset[int]
     activation: str | None
@@ -68,8 +59,9 @@ class AdapterBank:
         self.device, self.dtype, self.max_slots = device, dtype, max_slots
         self._base_norms = torch.stack([base_norms[n] for n in self.norm_names]).to(device, dtype)  # [N, d]
         self._lock = threading.Lock()
-        self._info: dict[int, _RowInfo] = {}
+        self._info: dict[int, RowInfo] = {}
         self._stacks = self._allocate(capacity + 1, 1)
+        self.kernels = select_kernels(device)
 
     @property
     def capacity(self) -> int:
@@ -102,7 +94,7 @@ class AdapterBank:
                 for j, name in enumerate(self.norm_names):
                     st.norms[j, row] = adapter.tensors[name]
             sites = frozenset(self.site_index[s] for s in dense)
-            self._info[slot] = _RowInfo(k, sites, spec.activation, spec.placement, spec.layer_norms)
+            self._info[slot] = RowInfo(k, sites, spec.activation, spec.placement, spec.layer_norms)
 
     def _write_lora(self, slot: int, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
         factors = {}
@@ -119,7 +111,7 @@ class AdapterBank:
                 big_a, big_b = self._lora_stack(i, spec.rank)
                 big_a[row, :, : spec.rank] = a
                 big_b[row, : spec.rank, :] = b
-            self._info[slot] = _RowInfo(0, frozenset(), None, None, False, frozenset(factors))
+            self._info[slot] = RowInfo(0, frozenset(), None, None, False, frozenset(factors))
 
     def _lora_stack(self, linear: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The projection's stacks, allocated on first use and widened to `rank` (old rows copied)."""
@@ -155,8 +147,8 @@ class AdapterBank:
         with self._lock:
             infos = [self._info.get(s) for s in route.slots.tolist()]
             st = self._stacks
-            snapshot = _Stacks(st.down_w, st.down_b, st.up_w, st.up_b, st.norms, dict(st.lora))
-            return BatchPlan(route, snapshot, infos)
+            snapshot = Stacks(st.down_w, st.down_b, st.up_w, st.up_b, st.norms, dict(st.lora))
+            return BatchPlan(route, snapshot, infos, self.kernels)
 
     def _clear_row(self, row: int) -> None:
         st = self._stacks
@@ -188,11 +180,11 @@ class AdapterBank:
             new.lora[i] = (big_a, big_b)
         self._stacks = new
 
-    def _allocate(self, rows: int, k: int) -> _Stacks:
+    def _allocate(self, rows: int, k: int) -> Stacks:
         s, d = len(self.sites), self.geometry.d_model
         kw = dict(device=self.device, dtype=self.dtype)
         norms = self._base_norms.unsqueeze(1).expand(-1, rows, -1).clone()
-        return _Stacks(
+        return Stacks(
             torch.zeros(s, rows, d, k, **kw),
             torch.zeros(s, rows, k, **kw),
             torch.zeros(s, rows, k, d, **kw),
@@ -200,102 +192,3 @@ class AdapterBank:
             norms,
             {},
         )
-
-
-class BatchPlan:
-    """One batch's view of the bank: rows gathered per site on first use, masks built once."""
-
-    def __init__(self, route: Route, stacks: _Stacks, infos: list[_RowInfo | None]) -> None:
-        self.route = route
-        self._stacks = stacks
-        self._rows = route.slots + 1  # bank row of each request
-        self._infos = infos
-        present = [i for i in infos if i is not None]
-        self._sites = frozenset().union(*(i.sites for i in present))
-        self._linears = frozenset().union(*(i.linears for i in present))
-        self.use_norms = any(i.has_norms for i in present)
-        self._k = max((i.k for i in present), default=0)
-        self._acts = self._groups([i.activation if i else None for i in infos], ACTIVATIONS)
-        self._placements = self._groups([i.placement if i else None for i in infos], {p: p for p in PLACEMENTS})
-        self._lora_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._site_cache: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._norm_cache: dict[int, torch.Tensor] = {}
-        self._mask_cache: dict[int, torch.Tensor | None] = {}
-
-    def _groups(self, names: list[str | None], table: dict) -> list:
-        """[(value, mask)] for the names present; bare rows join the first group (their weights are 0)."""
-        order = sorted({n for n in names if n is not None}) or [next(iter(table))]
-        if len(order) == 1:
-            return [(table[order[0]], None)]
-        dev = self.route.slots.device
-        return [(table[name], torch.tensor([n == name for n in names], device=dev).view(-1, 1, 1)) for name in order]
-
-    def acts_at(self, site: int) -> bool:
-        """Whether any row of the batch has an adapter at `site` (else the site adds nothing)."""
-        return site in self._sites
-
-    def delta(self, site: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """The adapter output to add at `site`, for residual `x` and sublayer output `f` ([R, T, d])."""
-        shape = x.shape
-        m = self.route.expand(shape[0])
-        x = x.reshape(self.route.rows, m * shape[1], shape[2])  # [B, m·T, d]: beams ride with their row
-        f = f.reshape(x.shape)
-        z = self._adapter_input(x, f)
-        out = routed_bottleneck(z, *self._site_weights(site), self._acts)
-        rows = self._site_rows(site)
-        if rows is not None:  # rows without an adapter here add exactly 0, even where z overflowed to Inf
-            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out.reshape(shape)
-
-    def _site_rows(self, site: int) -> torch.Tensor | None:
-        """[B, 1, 1] mask of the rows with an adapter at `site`, or None when every row has one."""
-        if site not in self._mask_cache:
-            has = [i is not None and site in i.sites for i in self._infos]
-            self._mask_cache[site] = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
-        return self._mask_cache[site]
-
-    def lora_acts_at(self, linear: int) -> bool:
-        return linear in self._linears
-
-    def lora_delta(self, linear: int, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA update `s·(x A)B` of projection `linear` for each row's task, for input x [R, T, in]."""
-        a, b, rows = self._lora_weights(linear)
-        shape = x.shape
-        self.route.expand(shape[0])  # checks that the rows divide; beams ride with their request
-        out = torch.bmm(torch.bmm(x.reshape(self.route.rows, -1, shape[-1]), a), b)  # [B, m·T, out]
-        if rows is not None:
-            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out.reshape(*shape[:-1], b.shape[-1])
-
-    def _lora_weights(self, linear: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if linear not in self._lora_cache:
-            a, b = self._stacks.lora[linear]
-            has = [i is not None and linear in i.linears for i in self._infos]
-            mask = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
-            self._lora_cache[linear] = (a.index_select(0, self._rows), b.index_select(0, self._rows), mask)
-        return self._lora_cache[linear]
-
-    def norm_weight(self, norm: int) -> torch.Tensor:
-        """Per-row RMSNorm weights [B, 1, d] of norm `norm`."""
-        if norm not in self._norm_cache:
-            self._norm_cache[norm] = self._stacks.norms[norm].index_select(0, self._rows).unsqueeze(1)
-        return self._norm_cache[norm]
-
-    def _adapter_input(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        inputs = {"houlsby": lambda: f, "pfeiffer": lambda: x + f, "parallel": lambda: x}
-        first, _ = self._placements[0]
-        z = inputs[first]()
-        for name, mask in self._placements[1:]:
-            z = torch.where(mask, inputs[name](), z)
-        return z
-
-    def _site_weights(self, site: int) -> tuple[torch.Tensor, ...]:
-        if site not in self._site_cache:
-            st, k, rows = self._stacks, self._k, self._rows
-            self._site_cache[site] = (
-                st.down_w[site, :, :, :k].index_select(0, rows),  # [B, d, k]
-                st.down_b[site, :, :k].index_select(0, rows),  # [B, k]
-                st.up_w[site, :, :k, :].index_select(0, rows),  # [B, k, d]
-                st.up_b[site].index_select(0, rows),  # [B, d]
-            )
-        return self._site_cache[site]

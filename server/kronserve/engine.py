@@ -18,8 +18,8 @@ from .bank import AdapterBank
 from .errors import InvalidRequest
 from .formats.native import AdapterFile
 from .metrics import Metrics
+from .plan import Route
 from .registry import Entry, Registry
-from .routing import Route
 from .store import AdapterStore
 from .t5_sites import base_norms, install_sites
 

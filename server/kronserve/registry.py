@@ -24,7 +24,7 @@ from .formats import native
 from .formats.native import AdapterFile
 from .methods import MethodSpec
 from .metrics import Metrics
-from .routing import BARE
+from .plan import BARE
 from .store import AdapterStore, check_task_id, sha256_of
 
 log = logging.getLogger(__name__)

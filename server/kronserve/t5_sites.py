@@ -20,22 +20,22 @@ import torch
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
-from .bank import BatchPlan
 from .methods import Geometry
+from .plan import SitePlan
 
 
 class SiteRouter:
     """Hands the batch in flight's plan to every site; the only state the installed sites share."""
 
     def __init__(self) -> None:
-        self._plan: BatchPlan | None = None
+        self._plan: SitePlan | None = None
 
     @property
-    def plan(self) -> BatchPlan | None:
+    def plan(self) -> SitePlan | None:
         return self._plan
 
     @contextmanager
-    def activate(self, plan: BatchPlan) -> Iterator[None]:
+    def activate(self, plan: SitePlan) -> Iterator[None]:
         if self._plan is not None:
             raise RuntimeError("a batch plan is already active: forward passes must not overlap")
         self._plan = plan

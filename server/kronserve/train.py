@@ -27,9 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone
-from .bank import ACTIVATIONS
 from .errors import InvalidRequest, KronserveError
 from .formats.native import AdapterFile, save
+from .kernels import ACTIVATIONS
 from .methods import METHODS, AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
 from .store import check_task_id
 from .t5_sites import SiteRouter, base_norms, install_sites
@@ -114,7 +114,7 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
 
 
 class TrainablePlan:
-    """The `BatchPlan` interface for one task on every row, differentiable in the adapter's tensors.
+    """The `SitePlan` for one task on every row, differentiable in the adapter's tensors.
 
     `params` holds the native file's tensors by their native names, as float32 leaves. `spec.dense`
     (`spec.low_rank` for LoRA) turns them into each site's weights on every call, as the bank does on

@@ -10,7 +10,7 @@ import torch
 from kronserve.engine import Engine
 from kronserve.errors import InvalidSpec
 from kronserve.methods import preset
-from kronserve.routing import Route
+from kronserve.plan import Route
 
 
 def test_scale_is_alpha_over_r_or_over_sqrt_r_with_rslora() -> None:
