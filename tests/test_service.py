@@ -8,7 +8,7 @@ from pathlib import Path
 from kronserve.api.errors import status_of
 from kronserve.config import Settings
 from kronserve.formats.native import dumps
-from kronserve.scheduler import BatchKey
+from kronserve.messages import GenerationParams
 from kronserve.service import Service
 from kronserve.store import LocalStore, StoreConflict, StoreError
 
@@ -33,7 +33,7 @@ def test_a_replica_loads_its_share_serves_others_on_demand_and_deletes_what_it_c
             assert (result.task, result.version, result.replica) == ("other", pin.version, "r0")
             await service.delete("broken")  # never loadable, still deletable
             assert store.active("broken") is None
-            predicted = await service.predict("mine", ["x"], BatchKey("generate", 2))
+            predicted = await service.predict("mine", ["x"], GenerationParams(max_new_tokens=2))
             assert predicted.replica == "r0"
 
             owned = "mine".__eq__

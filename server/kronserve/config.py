@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,14 +28,22 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "float32"
 
-    max_batch_rows: int = Field(default=64, ge=1, description="rows (inputs) per engine batch")
-    max_batch_tokens: int = Field(default=16384, ge=1, description="input tokens per engine batch")
-    batch_wait_ms: float = Field(default=5.0, ge=0, description="how long a batch waits to fill")
-    batch_fill_fraction: float = Field(
-        default=0.25,
-        ge=0,
-        le=1,
-        description="under load, wait up to this share of the last batch's engine time to refill a batch (0: off)",
+    max_batch_rows: int = Field(
+        default=64, ge=1, description="running decoder rows (beams count one each); rows of one score pass"
+    )
+    max_batch_tokens: int = Field(default=16384, ge=1, description="input tokens of one admission or score pass")
+    max_cached_tokens: int = Field(
+        default=262144,
+        ge=1,
+        description="token positions the running rows' caches may reserve (rows × (input + max_new_tokens))",
+    )
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="how long an idle engine waits for a burst to gather")
+    batching: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="continuous: rows join and leave at every step; static: one generate() per batch (baseline)",
+    )
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="JSON body limit of predict and score requests (413 beyond)"
     )
     queue_size: int = Field(default=256, ge=1, description="queued requests before new ones get 503")
     request_timeout_s: float = Field(default=60.0, gt=0)

@@ -1,27 +1,41 @@
-"""In-process inference: tokenize, resolve tasks to slots, run the routed T5, detokenize.
+"""In-process inference on the routed T5: tokenize, resolve tasks to slots, run forward passes, detokenize.
 
-The engine takes rows of (task, input) and nothing from HTTP, so the scheduler, a benchmark or a
-Ray Serve replica call it directly. Forward passes are serialized (one model, one plan at a time).
+Two ways to decode, on the same sites, bank and Route:
+- the step loop's passes (`prefill`, `step`, `score_ids`): the server's `DecodeLoop` admits rows into a
+  `RunningBatch` and advances every row one token per `step`, whatever its task and settings;
+- `generate`: one Hugging Face `generate()` call for a whole batch; the independent reference the step
+  loop is tested against, and the `static` batching mode the continuous loop is measured against.
+The engine takes token ids or strings and nothing from HTTP, so the loop, a benchmark or a Ray Serve
+replica call it directly. Forward passes are serialized (one model, one plan at a time).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .backbone import Backbone
 from .bank import AdapterBank
+from .decoding import Vocabulary
 from .errors import InvalidRequest
 from .formats.native import AdapterFile
 from .metrics import Metrics
 from .plan import Route
 from .registry import Entry, Registry
+from .running import RunningBatch, empty_cache
 from .store import AdapterStore
 from .t5_sites import base_norms, install_sites
+
+# An input longer than max_input_tokens × this many characters cannot fit (no T5 or ByT5 token is longer),
+# so it is refused before the tokenizer spends time on it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,12 @@ class Generated:
 class Scored:
     scores: list[float]
     entries: list[Entry | None]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    batch: RunningBatch
+    logits: torch.Tensor  # [R, V] float32: each new row's first-token logits
 
 
 class Engine:
@@ -58,12 +78,24 @@ class Engine:
         self.router = install_sites(model, self.geometry)
         self.registry = Registry(self.bank, fp, store, metrics)
         self._forward_lock = threading.Lock()
+        tok, gen = backbone.tokenizer, model.generation_config
+        self.pad_id = tok.pad_token_id
+        self.vocab = Vocabulary(
+            size=min(len(tok), model.config.vocab_size),
+            eos=model.config.eos_token_id,
+            start=model.config.decoder_start_token_id,
+            length_penalty=1.0 if gen.length_penalty is None else gen.length_penalty,  # None: HF's default
+            early_stopping=bool(gen.early_stopping) if gen.early_stopping != "never" else "never",
+        )
+        # transformers renamed `past_key_values` to `cache` during 5.x; take whichever this version has.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def load(self, adapter: AdapterFile, version: int = 1, sha256: str = "") -> Entry:
         """Serve `adapter` (validated against this backbone) as its task's active version."""
         self.backbone.fingerprint.check(adapter.fingerprint)
         return self.registry.install(adapter, version, sha256)
 
+    # ---- whole-batch generate (reference and static mode) and score --------------------------------
     def generate(
         self,
         tasks: Sequence[str | None],
@@ -75,79 +107,159 @@ class Engine:
         """Greedy (num_beams=1) or beam-search outputs, one per row, each through its task's adapter."""
         _same_length(tasks, inputs, "inputs")
         with self.registry.lease(tasks) as entries:
-            return self.generate_leased(entries, inputs, max_new_tokens, num_beams, min_new_tokens)
+            ids = self.generate_ids(
+                Registry.slots_of(entries), self.tokenize(inputs), max_new_tokens, num_beams, min_new_tokens
+            )
+        return Generated([self.decode(row) for row in ids], ids, list(entries))
 
-    def generate_leased(
+    def generate_ids(
         self,
-        entries: Sequence[Entry | None],
-        inputs: Sequence[str],
+        slots: Sequence[int],
+        inputs: Sequence[list[int]],
         max_new_tokens: int = 32,
         num_beams: int = 1,
         min_new_tokens: int = 0,
-    ) -> Generated:
-        """`generate` for rows whose entries the caller already leased from the registry."""
-        tok = self.backbone.tokenizer
-        enc = self._encode(inputs)
-        with self._routed(entries):
+    ) -> list[list[int]]:
+        """One HF `generate()` over the whole batch; each row's tokens after the start token, through its EOS."""
+        with self._routed_slots(slots):
             out = self.backbone.model.generate(
-                **enc,
+                **self._padded(inputs),
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 num_beams=num_beams,
                 num_return_sequences=1,
                 do_sample=False,
+                logits_processor=LogitsProcessorList([_VocabularyLimit(self.vocab)]),
             )
-        ids = [row[row != tok.pad_token_id].tolist() for row in out]
-        return Generated(tok.batch_decode(out, skip_special_tokens=True), ids, list(entries))
+        return [_until_eos(row[1:].tolist(), self.vocab.eos) for row in out]
 
     def score(self, tasks: Sequence[str | None], inputs: Sequence[str], targets: Sequence[str]) -> Scored:
         """Sum of natural-log probabilities of each target's tokens (its EOS included) given its input."""
         _same_length(tasks, inputs, "inputs")
         _same_length(tasks, targets, "targets")
         with self.registry.lease(tasks) as entries:
-            return self.score_leased(entries, inputs, targets)
+            scores = self.score_ids(Registry.slots_of(entries), self.tokenize(inputs), self.tokenize(targets, "target"))
+        return Scored(scores, list(entries))
 
-    def score_leased(self, entries: Sequence[Entry | None], inputs: Sequence[str], targets: Sequence[str]) -> Scored:
-        """`score` for rows whose entries the caller already leased from the registry."""
-        enc = self._encode(inputs)
-        lab = self._encode(targets, "target")
-        labels, mask = lab["input_ids"], lab["attention_mask"].bool()
-        start = torch.full_like(labels[:, :1], self.backbone.model.config.decoder_start_token_id)
+    def score_ids(self, slots: Sequence[int], inputs: Sequence[list[int]], targets: Sequence[list[int]]) -> list[float]:
+        """Teacher-forced log-probabilities of tokenized targets (EOS included) given tokenized inputs."""
+        enc = self._padded(inputs)
+        labels, mask = (t.to(self.backbone.device) for t in _pad(targets, self.pad_id))
+        start = torch.full_like(labels[:, :1], self.vocab.start)
         decoder_input_ids = torch.cat([start, labels[:, :-1]], dim=1)
-        with self._routed(entries):
+        with self._routed_slots(slots):
             logits = self.backbone.model(**enc, decoder_input_ids=decoder_input_ids).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return Scored((logp * mask).sum(-1).tolist(), list(entries))
+        return (logp * mask).sum(-1).tolist()
 
-    def count_tokens(self, texts: Sequence[str], what: str = "input") -> int:
-        """Tokens of `texts` (EOS included); raises InvalidRequest naming a text over the limit.
+    # ---- the step loop's passes -------------------------------------------------------------------
+    def prefill(self, inputs: Sequence[list[int]], input_slots: Sequence[int], rows: Sequence[int]) -> Prefilled:
+        """Admission: one mixed-adapter encoder pass over `inputs`, then the first decoder step.
 
-        Nothing is truncated silently: a truncated target would be scored as another string.
+        `rows[i]` decoder rows start from input i (beams: `num_beams` rows, as HF expands them). They come back
+        as a `RunningBatch` (cross-attention K/V computed here, once) with their first logits.
         """
+        enc = self._padded(inputs)
+        with self._routed_slots(input_slots):
+            hidden = self.backbone.model.encoder(**enc).last_hidden_state  # [N, S, d]
+        index = torch.repeat_interleave(torch.arange(len(inputs)), torch.tensor(list(rows))).to(hidden.device)
+        slots = [input_slots[i] for i in index.tolist()]
+        encoder_mask = enc["attention_mask"][index]
+        start = torch.full((len(slots), 1), self.vocab.start, dtype=torch.long, device=hidden.device)
+        batch = RunningBatch(empty_cache(), torch.ones_like(start), encoder_mask, start[:, 0], slots)
+        with self._routed_slots(slots):
+            out = self.backbone.model(
+                encoder_outputs=(hidden[index],),
+                attention_mask=encoder_mask,
+                decoder_input_ids=start,
+                use_cache=True,
+                **{self._cache_kwarg: batch.cache},
+            )
+        return Prefilled(batch, out.logits[:, -1].float())
+
+    def step(self, batch: RunningBatch) -> torch.Tensor:
+        """One decoder step for every running row (each through its own adapter); returns logits [R, V]."""
+        decoder_mask = F.pad(batch.decoder_mask, (0, 1), value=1)  # [R, T+1]: the new token is every row's own
+        stub = torch.zeros((), dtype=self.backbone.dtype, device=self.backbone.device)
+        encoder_states = stub.expand(batch.rows, batch.encoder_mask.shape[1], self.geometry.d_model)  # K/V cached
+        with self._routed_slots(batch.slots):
+            out = self.backbone.model(
+                encoder_outputs=(encoder_states,),
+                attention_mask=batch.encoder_mask,
+                decoder_input_ids=batch.next_tokens[:, None],
+                decoder_attention_mask=decoder_mask,
+                use_cache=True,
+                **{self._cache_kwarg: batch.cache},
+            )
+        batch.decoder_mask = decoder_mask
+        return out.logits[:, -1].float()
+
+    # ---- tokens ----------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], what: str = "input") -> list[list[int]]:
+        """Token ids of `texts` (EOS included); raises InvalidRequest naming a text over the limit.
+
+        Nothing is truncated silently: a truncated target would be scored as another string. A text too long
+        to fit even at `MAX_CHARS_PER_TOKEN` characters a token is refused before the tokenizer sees it.
+        """
+        chars = self.max_input_tokens * MAX_CHARS_PER_TOKEN
         for i, text in enumerate(texts):
+            if len(text) > chars:
+                raise InvalidRequest(
+                    f"{what} {i} has {len(text)} characters, more than {self.max_input_tokens} tokens can hold"
+                )
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise InvalidRequest(f"{what} {i} is not valid Unicode text ({e.reason})") from None
-        lengths = [len(ids) for ids in self.backbone.tokenizer(list(texts))["input_ids"]]
-        for i, n in enumerate(lengths):
-            if n > self.max_input_tokens:
-                raise InvalidRequest(f"{what} {i} has {n} tokens; the limit is {self.max_input_tokens}")
-        return sum(lengths)
+        ids = self.backbone.tokenizer(list(texts))["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) > self.max_input_tokens:
+                raise InvalidRequest(f"{what} {i} has {len(row)} tokens; the limit is {self.max_input_tokens}")
+        return ids
 
-    def _encode(self, texts: Sequence[str], what: str = "input") -> dict[str, torch.Tensor]:
-        self.count_tokens(texts, what)
-        enc = self.backbone.tokenizer(list(texts), return_tensors="pt", padding=True)
-        return {k: v.to(self.backbone.device) for k, v in enc.items()}
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _padded(self, inputs: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        ids, mask = _pad(inputs, self.pad_id)
+        return {"input_ids": ids.to(self.backbone.device), "attention_mask": mask.to(self.backbone.device)}
+
+    def _routed(self, entries: Sequence[Entry | None]) -> AbstractContextManager[None]:
+        return self._routed_slots(Registry.slots_of(entries))
 
     @contextmanager
-    def _routed(self, entries: Sequence[Entry | None]) -> Iterator[None]:
-        """Serialize forward passes and activate the batch's plan around one; undone in every case."""
-        route = Route.of(Registry.slots_of(entries), self.backbone.device)
+    def _routed_slots(self, slots: Sequence[int]) -> Iterator[None]:
+        """Serialize forward passes and activate the rows' plan around one; undone in every case."""
+        route = Route.of(slots, self.backbone.device)
         with self._forward_lock:
             plan = self.bank.plan(route)
             with torch.inference_mode(), self.router.activate(plan):
                 yield
+
+
+class _VocabularyLimit(LogitsProcessor):
+    """HF's side of `Vocabulary.mask`: ids the tokenizer cannot decode are never generated."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.vocab.mask(scores)
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [N, L] and their attention mask."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
 def _same_length(tasks: Sequence[object], other: Sequence[object], name: str) -> None:

@@ -73,6 +73,12 @@ class ReplicaUnavailable(Overloaded):
     code = "replica_unavailable"
 
 
+class ClientClosed(KronserveError):
+    """The client went away before its answer was ready (counted, never a server error)."""
+
+    code = "client_closed"
+
+
 class Unauthorized(KronserveError):
     code = "unauthorized"
 

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 OTHER_TASK = "__other__"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_STEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
@@ -38,14 +39,56 @@ class Metrics:
             "kronserve_request_latency_seconds", "End-to-end latency", ["endpoint"], buckets=_LATENCY, registry=r
         )
         self.queue_wait = Histogram(
-            "kronserve_queue_wait_seconds", "Time from admission to batch start", buckets=_LATENCY, registry=r
+            "kronserve_queue_wait_seconds",
+            "Time from acceptance to admission into the engine",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.engine_time = Histogram(
-            "kronserve_engine_seconds", "Engine time per batch", ["kind"], buckets=_LATENCY, registry=r
+            "kronserve_engine_seconds",
+            "Engine time per admission (encoder + first step) or score pass",
+            ["kind"],
+            buckets=_LATENCY,
+            registry=r,
         )
-        self.batch_rows = Histogram("kronserve_batch_rows", "Rows per engine batch", buckets=_ROWS, registry=r)
+        self.batch_rows = Histogram(
+            "kronserve_batch_rows", "Rows per admission or score pass", buckets=_ROWS, registry=r
+        )
         self.batch_tasks = Histogram(
-            "kronserve_batch_tasks", "Distinct tasks per engine batch", buckets=_ROWS, registry=r
+            "kronserve_batch_tasks", "Distinct tasks per admission or score pass", buckets=_ROWS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "kronserve_step_seconds", "Time of one decode step over every running row", buckets=_LATENCY, registry=r
+        )
+        self.step_rows = Histogram(
+            "kronserve_step_rows", "Running decoder rows per decode step", buckets=_STEP_ROWS, registry=r
+        )
+        self.step_tasks = Histogram(
+            "kronserve_step_tasks", "Distinct tasks per decode step", buckets=_STEP_ROWS, registry=r
+        )
+        self.step_admissions = Histogram(
+            "kronserve_step_admissions",
+            "Requests admitted into the running batch per decode step",
+            buckets=_ROWS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "kronserve_time_to_first_token_seconds",
+            "From admission to a request's first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "kronserve_inter_token_seconds", "Time between a running request's tokens", buckets=_LATENCY, registry=r
+        )
+        self.generated_tokens = Counter(
+            "kronserve_generated_tokens", "Tokens generated (beams: the answer's)", registry=r
+        )
+        self.cancelled = Counter(
+            "kronserve_cancelled_requests",
+            "Requests dropped by the engine because their caller gave up",
+            ["stage"],
+            registry=r,
         )
         self.queue_depth = Gauge("kronserve_queue_depth", "Requests waiting for a batch", registry=r)
         self.adapters_active = Gauge("kronserve_adapters_active", "Tasks with an active version", registry=r)

@@ -10,7 +10,6 @@ class with a name (the `x-kronserve-replica` header), a preload of its ring shar
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,10 +21,12 @@ from .engine import Engine
 from .errors import KronserveError, NotReady
 from .formats.importers import to_adapter
 from .formats.native import AdapterFile, dumps, is_native
+from .loop import Bounds
+from .messages import GenerationParams, Result
 from .methods import init_tensors, preset
 from .metrics import Metrics
 from .registry import Entry
-from .scheduler import BatchKey, Result, Scheduler
+from .scheduler import Scheduler
 from .store import VersionRef, open_store
 from .t5_sites import base_norms
 
@@ -71,14 +72,9 @@ class Service:
             log.exception("start-up failed")
             raise
         s = self.settings
+        bounds = Bounds(s.max_batch_rows, s.max_batch_tokens, s.max_cached_tokens, s.batch_wait_ms / 1000)
         scheduler = Scheduler(
-            engine,
-            self.metrics,
-            s.max_batch_rows,
-            s.max_batch_tokens,
-            s.batch_wait_ms,
-            s.queue_size,
-            s.request_timeout_s,
+            engine, self.metrics, bounds, s.queue_size, s.request_timeout_s, static=s.batching == "static"
         )
         scheduler.start()
         self._engine, self._scheduler = engine, scheduler
@@ -113,14 +109,18 @@ class Service:
             raise NotReady(f"not ready: {why}", retry_after=5)
         return {"status": "ready", "adapters": len(self.engine.registry.entries())}
 
-    async def predict(self, task: str, inputs: list[str], key: BatchKey, pin: VersionRef | None = None) -> Result:
+    async def predict(
+        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+    ) -> Result:
         scheduler = self.scheduler
-        return await self._submit(scheduler, key, task, inputs, None, self.engine.count_tokens(inputs), pin)
+        ids = await asyncio.to_thread(self.engine.tokenize, inputs)  # once, off the event loop
+        return await self._submit(scheduler, task, ids, None, params, pin)
 
     async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
         scheduler = self.scheduler
-        tokens = self.engine.count_tokens(inputs) + self.engine.count_tokens(targets, "target")
-        return await self._submit(scheduler, BatchKey("score"), task, inputs, targets, tokens, pin)
+        ids = await asyncio.to_thread(self.engine.tokenize, inputs)
+        target_ids = await asyncio.to_thread(self.engine.tokenize, targets, "target")
+        return await self._submit(scheduler, task, ids, target_ids, None, pin)
 
     async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
         """A native file is stored as sent; another format is converted to native first."""
@@ -167,23 +167,19 @@ class Service:
     async def _submit(
         self,
         scheduler: Scheduler,
-        key: BatchKey,
         task: str,
-        inputs: list[str],
-        targets: list[str] | None,
-        tokens: int,
+        inputs: list[list[int]],
+        targets: list[list[int]] | None,
+        params: GenerationParams | None,
         pin: VersionRef | None,
     ) -> Result:
-        """Lease the task's active version at admission (404 if none) and hold it until the answer is back."""
+        """Lease the task's active version at acceptance (404 if none); the engine holds it until the request
+        leaves (its last step, or the step after its caller gave up)."""
         if pin is not None:
             await self._ensure(task, pin)
-        registry = self.engine.registry
-        (entry,) = registry.acquire([task])
-        try:
-            result = await scheduler.submit(key, entry, inputs, targets, tokens)
-        finally:
-            registry.release([entry])
-        return dataclasses.replace(result, replica=self.name)
+        (entry,) = self.engine.registry.acquire([task])
+        values = await scheduler.submit(entry, inputs, targets, params)
+        return Result(entry.task, entry.version, values, self.name)
 
     async def _ensure(self, task: str, pin: VersionRef) -> None:
         """The gateway read `pin` from the store: serve it or something newer, never an older version.

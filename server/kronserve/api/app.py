@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -52,8 +53,51 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     install_error_handlers(app)
     app.include_router(router)
 
+    app.add_middleware(JsonBodyLimit, limit=settings.max_request_bytes, metrics=service.metrics)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
+
+
+class JsonBodyLimit:
+    """413 for a predict or score body over `limit` bytes, decided while it streams in: a huge body is never
+    buffered or parsed (uploads have their own limit, `max_upload_bytes`)."""
+
+    PATHS = frozenset({"/v1/predict", "/v1/score"})
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, send, f"request body of {int(declared)} bytes exceeds {self.limit} bytes")
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, send, f"request body exceeds {self.limit} bytes")
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
+        self.metrics.failures.labels(scope["path"], "payload_too_large").inc()
+        body = json.dumps({"error": {"code": "payload_too_large", "message": message}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 class RequestMetrics:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config import Settings
+from ..messages import GenerationParams, Result
 from ..metrics import Metrics
-from ..scheduler import BatchKey, Result
 
 
 class Backend(Protocol):
@@ -25,7 +25,7 @@ class Backend(Protocol):
         """The `/readyz` body; raises NotReady (503) when requests would not be served."""
         ...
 
-    async def predict(self, task: str, inputs: list[str], key: BatchKey) -> Result: ...
+    async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result: ...
 
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result: ...
 

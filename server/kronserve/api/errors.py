@@ -13,6 +13,7 @@ from starlette.routing import Match
 from ..errors import (
     BadRequest,
     BankFull,
+    ClientClosed,
     InvalidAdapter,
     InvalidRequest,
     KronserveError,
@@ -34,6 +35,7 @@ STATUS: list[tuple[type[KronserveError], int]] = [
     (StoreConflict, 409),
     (PayloadTooLarge, 413),
     (UnsupportedFormat, 415),
+    (ClientClosed, 499),
     (InvalidAdapter, 422),
     (InvalidRequest, 422),
     (Overloaded, 503),

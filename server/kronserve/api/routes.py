@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -12,8 +13,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..config import TASK_ID_PATTERN
-from ..errors import BadRequest, InvalidRequest, PayloadTooLarge, Unauthorized
-from ..scheduler import BatchKey, Result
+from ..errors import BadRequest, ClientClosed, InvalidRequest, PayloadTooLarge, Unauthorized
+from ..messages import GenerationParams, Result
 from .backend import Backend
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
@@ -44,7 +45,7 @@ def require_admin(request: Request, backend: BackendDep) -> None:
 
 
 @router.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
-async def predict(body: PredictRequest, backend: BackendDep, response: Response) -> PredictResponse:
+async def predict(body: PredictRequest, backend: BackendDep, request: Request, response: Response) -> PredictResponse:
     limits = backend.settings
     _check_limits(backend, body.inputs)
     limit = limits.max_new_tokens
@@ -56,18 +57,22 @@ async def predict(body: PredictRequest, backend: BackendDep, response: Response)
         raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {max_new}")
     if body.num_beams > limits.max_beams:
         raise InvalidRequest(f"num_beams {body.num_beams} exceeds {limits.max_beams}")
-    key = BatchKey("generate", max_new, body.num_beams, body.min_new_tokens)
-    result = await backend.predict(body.task, body.inputs, key)
+    if body.num_beams > 1 and body.temperature > 0:
+        raise InvalidRequest("num_beams > 1 is beam search: it cannot be combined with sampling (temperature > 0)")
+    params = GenerationParams(
+        max_new, body.min_new_tokens, body.num_beams, body.temperature, body.top_p, body.top_k, body.seed
+    )
+    result = await until_disconnected(request, backend.predict(body.task, body.inputs, params))
     _answered(backend, response, result, "predict")
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-async def score(body: ScoreRequest, backend: BackendDep, response: Response) -> ScoreResponse:
+async def score(body: ScoreRequest, backend: BackendDep, request: Request, response: Response) -> ScoreResponse:
     _check_limits(backend, body.inputs)
     if len(body.targets) != len(body.inputs):
         raise InvalidRequest(f"targets has {len(body.targets)} entries but inputs has {len(body.inputs)}")
-    result = await backend.score(body.task, body.inputs, body.targets)
+    result = await until_disconnected(request, backend.score(body.task, body.inputs, body.targets))
     _answered(backend, response, result, "score")
     return ScoreResponse(task=result.task, version=result.version, scores=result.values)
 
@@ -130,6 +135,26 @@ async def readyz(backend: BackendDep) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(backend: BackendDep) -> Response:
     return Response(await backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.1
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first: its rows leave the engine at the next step
+    and its lease is freed then, instead of decoding an answer nobody reads."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientClosed("the client closed the connection before its answer was ready")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _answered(backend: Backend, response: Response, result: Result, endpoint: str) -> None:

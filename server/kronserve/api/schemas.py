@@ -21,6 +21,15 @@ class PredictRequest(_Strict):
     max_new_tokens: int = Field(default=32, ge=1, description="unset: 32, or the server's limit if lower")
     min_new_tokens: int = Field(default=0, ge=0, description="suppress end-of-sequence before this many tokens")
     num_beams: int = Field(default=1, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=100, description="0: greedy (or beam search); above 0: sampling")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="sampling: keep the smallest set of ids with this mass")
+    top_k: int = Field(default=0, ge=0, description="sampling: keep the k most likely ids (0: all)")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description="sampling: the same seed gives the same output, whatever else runs",
+    )
 
 
 class PredictResponse(BaseModel):

@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings
 from ..errors import KronserveError, NotReady, ReplicaUnavailable, UnknownTask
+from ..messages import GenerationParams, Result
 from ..metrics import Metrics, merged_with_source
-from ..scheduler import BatchKey, Result
 from ..store import VersionRef, open_store
 from .ring import Ring
 
@@ -58,8 +58,8 @@ class ClusterBackend:
             raise NotReady(f"no replica is ready: {replicas}", retry_after=5)
         return {"status": "ready", "replicas": replicas}
 
-    async def predict(self, task: str, inputs: list[str], key: BatchKey) -> Result:
-        return await self._forward(task, "predict", task, inputs, key, await self._pin(task))
+    async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result:
+        return await self._forward(task, "predict", task, inputs, params, await self._pin(task))
 
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result:
         return await self._forward(task, "score", task, inputs, targets, await self._pin(task))

@@ -1,0 +1,75 @@
+"""A request inside the server: what the API admitted (tokenized, leased) and where its answer goes.
+
+The event loop creates a `Job` and awaits its future; the engine thread resolves it. Everything the two
+threads share is here: `cancelled` (set by the event loop when the caller gives up, read by the engine
+at its next step), the future (answered thread-safely), and the lease (released exactly once, by
+whichever side ends the job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .messages import GenerationParams
+from .registry import Entry
+
+
+@dataclass(eq=False)
+class Job:
+    entry: Entry  # leased at acceptance: the version this request is answered with
+    inputs: list[list[int]]  # token ids, EOS included
+    targets: list[list[int]] | None  # score requests
+    params: GenerationParams | None  # predict requests (None: score)
+    deadline: float  # time.monotonic() after which nobody waits for the answer
+    future: asyncio.Future[Any]
+    admitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    _leased: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def slot(self) -> int:
+        return self.entry.slot
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows it runs on (beams count one each); a score request's rows."""
+        return len(self.inputs) * (self.params.num_beams if self.params else 1)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of its one pass (inputs, and targets for a score request)."""
+        return sum(map(len, self.inputs)) + sum(map(len, self.targets or []))
+
+    @property
+    def reserved(self) -> int:
+        """Cached token positions it may hold at its longest: rows × (input + new tokens)."""
+        new = self.params.max_new_tokens if self.params else 0
+        beams = self.params.num_beams if self.params else 1
+        return sum(beams * (len(ids) + new) for ids in self.inputs)
+
+    def take_lease(self) -> bool:
+        """True exactly once: the caller then releases the entry."""
+        with self._lock:
+            leased, self._leased = self._leased, False
+        return leased
+
+    def resolve(self, value: Any) -> None:
+        self._settle(lambda f: f.set_result(value))
+
+    def reject(self, error: BaseException) -> None:
+        self._settle(lambda f: f.set_exception(error))
+
+    def _settle(self, action: Any) -> None:
+        def settle() -> None:
+            if not self.future.done():
+                action(self.future)
+
+        loop = self.future.get_loop()
+        if loop.is_closed():
+            return
+        loop.call_soon_threadsafe(settle)

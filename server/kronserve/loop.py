@@ -1,0 +1,389 @@
+"""The step loop: one running batch on the device, advanced one token per step, rows joining and leaving.
+
+One thread owns the model. Each turn it
+1. drops the rows of requests whose caller gave up (client gone, timeout) and frees their leases;
+2. admits waiting predict requests while the batch's row and cached-token bounds allow (one mixed-adapter
+   encoder pass plus their first decoder step; their first tokens come out here);
+3. runs one teacher-forced pass for waiting score requests, so scoring never waits for a generation;
+4. advances every running row by one decoder step (rows of any task and any settings together), picks
+   each sequence's token (`decoding.py`) and answers the requests whose sequences are all done.
+A request leases its adapter version from acceptance until it leaves the loop, so a swap or delete in
+the middle of its generation changes nothing for it, and its slot is not reused while a row reads it.
+A failure is confined to the requests it concerns: an admission or a score pass fails only its own
+requests, a sequence whose tokens cannot be decoded fails only its request.
+
+`static` mode is the engine before this loop (one HF `generate()` per batch of identical settings, no
+joining): kept as the baseline `benchmarks/continuous.py` measures against.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import BeamSequence, Sequence, greedy_tokens
+from .engine import Engine
+from .errors import KronserveError
+from .jobs import Job
+from .metrics import Metrics
+from .running import RunningBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    rows: int  # running decoder rows (beams count one each)
+    pass_tokens: int  # input tokens of one admission or score pass
+    cached_tokens: int  # running rows × (input + new tokens) the caches may reserve
+    wait_s: float  # how long an idle loop waits for more requests before admitting
+
+
+@dataclass
+class _Member:
+    """One input of one admitted request: its sequence and where its answer goes."""
+
+    job: Job
+    index: int
+    seq: Sequence | BeamSequence
+    reserved: int  # cached tokens it reserves (rows × (input + max new tokens))
+
+
+@dataclass
+class _Running:
+    batch: RunningBatch | None = None
+    members: list[_Member] = field(default_factory=list)  # in row order; each spans `seq.rows` rows
+
+    @property
+    def rows(self) -> int:
+        return self.batch.rows if self.batch is not None else 0
+
+    @property
+    def reserved(self) -> int:
+        return sum(m.reserved for m in self.members)
+
+
+class DecodeLoop:
+    def __init__(self, engine: Engine, metrics: Metrics, bounds: Bounds, static: bool = False) -> None:
+        self.engine, self.metrics, self.bounds, self.static = engine, metrics, bounds, static
+        self.device = engine.backbone.device
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._running = _Running()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kronserve-engine", daemon=True)
+        self._outputs: dict[int, list[list[int] | None]] = {}  # id(job) -> each input's tokens once done
+        self.busy = False
+
+    # ---- called from the event loop ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, job: Job) -> None:
+        with self._cv:
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._running.members and not self.busy
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running.members and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                idle = not self._running.members
+            if idle and self.bounds.wait_s > 0:
+                time.sleep(self.bounds.wait_s)  # an idle loop lets a burst gather, as the old batcher did
+            self.busy = True
+            try:
+                self._turn()
+            except Exception:  # a bug, not a request's fault: fail what runs, keep serving
+                log.exception("decode loop turn failed")
+                self._fail_running(RuntimeError("the engine failed while running this request"))
+            finally:
+                self.busy = False
+        self._fail_running(RuntimeError("the engine stopped"))
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        generate, score = self._take()
+        if self.static:
+            self._run_static(generate)
+        else:
+            self._admit(generate)
+        if score:
+            self._score(score)
+        if self._running.members:
+            self._step()
+        self.metrics.queue_depth.set(len(self._waiting))
+
+    def _take(self) -> tuple[list[Job], list[Job]]:
+        """Waiting jobs this turn serves: predict jobs FIFO while the bounds allow, one bounded score pass."""
+        b, now = self.bounds, time.monotonic()
+        rows, reserved, tokens = self._running.rows, self._running.reserved, 0
+        generate: list[Job] = []
+        score: list[Job] = []
+        score_rows = score_tokens = 0
+        blocked = self.static and bool(self._running.members)
+        with self._cv:
+            for job in list(self._waiting):
+                if job.cancelled or job.deadline <= now:
+                    self._waiting.remove(job)
+                    self._drop(job, "queued")
+                    continue
+                if job.params is None:  # a score request
+                    first = not score
+                    if first or (score_rows + job.rows <= b.rows and score_tokens + job.tokens <= b.pass_tokens):
+                        self._waiting.remove(job)
+                        score.append(job)
+                        score_rows, score_tokens = score_rows + job.rows, score_tokens + job.tokens
+                    continue
+                if blocked:
+                    continue
+                if self.static and generate and job.params != generate[0].params:
+                    continue
+                empty = rows == 0
+                fits = rows + job.rows <= b.rows and reserved + job.reserved <= b.cached_tokens
+                fits = fits and tokens + job.tokens <= b.pass_tokens
+                if not (empty or fits):
+                    blocked = not self.static  # strict FIFO for predict jobs: a big request is not starved
+                    continue
+                self._waiting.remove(job)
+                generate.append(job)
+                rows, reserved, tokens = rows + job.rows, reserved + job.reserved, tokens + job.tokens
+        return generate, score
+
+    # ---- admission -----------------------------------------------------------------------------
+    def _admit(self, jobs: list[Job]) -> None:
+        self.metrics.step_admissions.observe(len(jobs))
+        if not jobs:
+            return
+        started = time.perf_counter()
+        self._observe_pass(jobs, started)
+        try:
+            inputs = [ids for j in jobs for ids in j.inputs]
+            slots = [j.slot for j in jobs for _ in j.inputs]
+            members = [self._member(j, i) for j in jobs for i in range(len(j.inputs))]
+            pre = self.engine.prefill(inputs, slots, [m.seq.rows for m in members])
+            next_tokens = self._choose(pre.logits, members, pre.batch)
+        except Exception as e:
+            for job in jobs:
+                self._finish_error(job, e)
+            return
+        now = time.perf_counter()
+        self.metrics.engine_time.labels("generate").observe(now - started)
+        for job in jobs:
+            self.metrics.time_to_first_token.observe(now - job.admitted)
+        pre.batch.next_tokens = next_tokens
+        self._merge(pre.batch, members)
+
+    def _member(self, job: Job, index: int) -> _Member:
+        assert job.params is not None
+        p = job.params
+        seq = BeamSequence(p, self.engine.vocab) if p.num_beams > 1 else Sequence(p, self.engine.vocab, self.device)
+        return _Member(job, index, seq, seq.rows * (len(job.inputs[index]) + p.max_new_tokens))
+
+    def _merge(self, batch: RunningBatch, members: list[_Member]) -> None:
+        running = self._running
+        if running.batch is None:
+            running.batch, running.members = batch, members
+        else:
+            running.batch.concatenate(batch)
+            running.members = running.members + members
+        self._leave()
+
+    # ---- a decode step ---------------------------------------------------------------------------
+    def _step(self) -> None:
+        running = self._running
+        assert running.batch is not None
+        started = time.perf_counter()
+        self.metrics.step_rows.observe(running.rows)
+        self.metrics.step_tasks.observe(len({m.job.entry.task for m in running.members}))
+        logits = self.engine.step(running.batch)
+        running.batch.next_tokens = self._choose(logits, running.members, running.batch)
+        elapsed = time.perf_counter() - started
+        self.metrics.step_seconds.observe(elapsed)
+        for _ in {id(m.job) for m in running.members}:
+            self.metrics.inter_token.observe(elapsed)
+        self._leave()
+
+    def _choose(self, logits: torch.Tensor, members: list[_Member], batch: RunningBatch) -> torch.Tensor:
+        """Every member's next tokens [R] (device); beam members also reorder their rows' caches."""
+        tokens: list[int] = [0] * batch.rows
+        order = list(range(batch.rows))
+        greedy: list[tuple[int, Sequence]] = []
+        row = 0
+        for m in members:
+            seq = m.seq
+            if isinstance(seq, Sequence) and not seq.params.sampling:
+                greedy.append((row, seq))
+            else:
+                choice = seq.choose(logits[row : row + seq.rows].clone())
+                tokens[row : row + seq.rows] = choice.tokens
+                if choice.order is not None:
+                    order[row : row + seq.rows] = [row + i for i in choice.order]
+            row += seq.rows
+        if greedy:
+            rows = [r for r, _ in greedy]
+            picked = greedy_tokens(logits[rows], [s for _, s in greedy])
+            for (r, seq), token in zip(greedy, picked, strict=True):
+                seq.take(token)
+                tokens[r] = token
+        if order != list(range(batch.rows)):
+            batch.reorder(order)
+        return torch.tensor(tokens, dtype=torch.long, device=logits.device)
+
+    def _leave(self) -> None:
+        """Answer the requests whose sequences are all done; their rows leave the batch."""
+        running = self._running
+        keep_rows: list[int] = []
+        kept: list[_Member] = []
+        row = 0
+        for m in running.members:
+            if m.seq.done:
+                self._sequence_done(m)
+            else:
+                keep_rows.extend(range(row, row + m.seq.rows))
+                kept.append(m)
+            row += m.seq.rows
+        self._shrink(keep_rows, kept)
+
+    def _shrink(self, keep_rows: list[int], kept: list[_Member]) -> None:
+        running = self._running
+        if not kept:
+            running.batch, running.members = None, []
+        elif len(kept) != len(running.members):
+            assert running.batch is not None
+            running.batch.filter(keep_rows)
+            running.members = kept
+
+    def _sequence_done(self, m: _Member) -> None:
+        outputs = self._outputs.setdefault(id(m.job), [None] * len(m.job.inputs))
+        outputs[m.index] = m.seq.output()
+        if all(o is not None for o in outputs):
+            del self._outputs[id(m.job)]
+            self._answer(m.job, [o for o in outputs if o is not None])
+
+    def _answer(self, job: Job, ids: list[list[int]]) -> None:
+        try:
+            texts = [self.engine.decode(row) for row in ids]
+        except Exception as e:  # this request's tokens alone; its neighbours are answered
+            log.error("request for task %r: its output could not be decoded: %s", job.entry.task, e)
+            self._finish_error(job, e)
+            return
+        self.metrics.generated_tokens.inc(sum(len(row) for row in ids))
+        self._finish(job, texts)
+
+    # ---- cancellation and failure ------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        running = self._running
+        if not any(m.job.cancelled for m in running.members):
+            return
+        keep_rows: list[int] = []
+        kept: list[_Member] = []
+        dropped: dict[int, Job] = {}
+        row = 0
+        for m in running.members:
+            if m.job.cancelled:
+                dropped[id(m.job)] = m.job
+            else:
+                keep_rows.extend(range(row, row + m.seq.rows))
+                kept.append(m)
+            row += m.seq.rows
+        self._shrink(keep_rows, kept)
+        for job in dropped.values():
+            self._outputs.pop(id(job), None)
+            self._drop(job, "running")
+
+    def _drop(self, job: Job, stage: str) -> None:
+        self.metrics.cancelled.labels(stage).inc()
+        self._release(job)
+
+    def _fail_running(self, error: Exception) -> None:
+        members, self._running = self._running.members, _Running()
+        for job in {id(m.job): m.job for m in members}.values():
+            self._outputs.pop(id(job), None)
+            self._finish_error(job, error)
+
+    def _finish(self, job: Job, values: list) -> None:
+        self._release(job)
+        job.resolve(values)
+
+    def _finish_error(self, job: Job, error: Exception) -> None:
+        self._release(job)
+        job.reject(error if isinstance(error, KronserveError) else RuntimeError(str(error)))
+
+    def _release(self, job: Job) -> None:
+        if job.take_lease():
+            self.engine.registry.release([job.entry])
+
+    # ---- score passes and the static baseline -----------------------------------------------------
+    def _score(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        self._observe_pass(jobs, started)
+        try:
+            slots = [j.slot for j in jobs for _ in j.inputs]
+            inputs = [ids for j in jobs for ids in j.inputs]
+            targets = [ids for j in jobs for ids in (j.targets or [])]
+            scores = self.engine.score_ids(slots, inputs, targets)
+        except Exception as e:
+            for job in jobs:
+                self._finish_error(job, e)
+            return
+        self.metrics.engine_time.labels("score").observe(time.perf_counter() - started)
+        start = 0
+        for job in jobs:
+            self._finish(job, scores[start : start + len(job.inputs)])
+            start += len(job.inputs)
+
+    def _run_static(self, jobs: list[Job]) -> None:
+        """The baseline: the whole batch in one HF `generate()`; nothing joins until it ends."""
+        if not jobs:
+            return
+        started = time.perf_counter()
+        self._observe_pass(jobs, started)
+        p = jobs[0].params
+        assert p is not None
+        try:
+            slots = [j.slot for j in jobs for _ in j.inputs]
+            inputs = [ids for j in jobs for ids in j.inputs]
+            ids = self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)
+        except Exception as e:
+            for job in jobs:
+                self._finish_error(job, e)
+            return
+        self.metrics.engine_time.labels("generate").observe(time.perf_counter() - started)
+        start = 0
+        for job in jobs:
+            self._answer(job, ids[start : start + len(job.inputs)])
+            start += len(job.inputs)
+
+    def _observe_pass(self, jobs: list[Job], started: float) -> None:
+        for job in jobs:
+            self.metrics.queue_wait.observe(started - job.admitted)
+        self.metrics.batch_rows.observe(sum(len(j.inputs) for j in jobs))
+        self.metrics.batch_tasks.observe(len({j.entry.task for j in jobs}))
