@@ -1,4 +1,8 @@
-"""The dynamic batcher in-process: mixing, overload, timeouts, and one bad request never failing a batch."""
+"""The step loop in-process: rows join and leave a running batch and each still equals its run alone.
+
+The reference for every output is `Engine.generate` (one Hugging Face `generate()` for that request
+alone); `step_gate` holds the loop inside a chosen decode step, so a request provably joins mid-generation.
+"""
 
 from __future__ import annotations
 
@@ -9,87 +13,205 @@ import pytest
 
 from kronserve.engine import Engine
 from kronserve.errors import Overloaded, RequestTimeout, UnknownTask
+from kronserve.loop import Bounds
+from kronserve.messages import GenerationParams
 from kronserve.metrics import Metrics
-from kronserve.registry import Entry
-from kronserve.scheduler import BatchKey, Scheduler
+from kronserve.scheduler import Scheduler
 
-GEN = BatchKey("generate", max_new_tokens=4, num_beams=1)
-
-
-def entry(engine: Engine, task: str) -> Entry:
-    """The task's version, leased as the API does at admission (released when the test's engine goes)."""
-    return engine.registry.acquire([task])[0]
+from .test_engine import INPUTS, METHODS
 
 
-def make(engine: Engine, **kw) -> Scheduler:
-    opts = dict(max_rows=64, max_tokens=100_000, wait_ms=50, queue_size=64, timeout_s=30) | kw
-    return Scheduler(engine, Metrics(), **opts)
+def make(engine: Engine, queue_size: int = 64, timeout_s: float = 30, **bounds) -> Scheduler:
+    b = dict(rows=64, pass_tokens=100_000, cached_tokens=1_000_000, wait_s=0.0) | bounds
+    return Scheduler(engine, Metrics(), Bounds(**b), queue_size, timeout_s)
+
+
+async def ask(s: Scheduler, task: str, inputs: list[str], params: GenerationParams | None = None, targets=None):
+    """Submit as the service does: tokenized, leased at acceptance."""
+    (entry,) = s.engine.registry.acquire([task])
+    tok = s.engine.tokenize
+    if targets is not None:
+        return await s.submit(entry, tok(inputs), tok(targets, "target"))
+    return await s.submit(entry, tok(inputs), None, params or GEN)
+
+
+GEN = GenerationParams(max_new_tokens=4)
+
+
+def step_gate(engine: Engine, at: int) -> tuple[threading.Event, threading.Event]:
+    """(reached, release): the loop signals `reached` when it enters decode step `at`, then waits for `release`."""
+    reached, release, calls = threading.Event(), threading.Event(), [0]
+    original = engine.step
+
+    def gated(batch):
+        calls[0] += 1
+        if calls[0] == at:
+            reached.set()
+            release.wait(20)
+        return original(batch)
+
+    engine.step = gated  # type: ignore[method-assign]
+    return reached, release
 
 
 @pytest.fixture
 def tasks(engine: Engine, adapter_for) -> list[str]:
-    names = [f"t{i}" for i in range(4)]
-    for i, n in enumerate(names):
-        engine.load(adapter_for(n, ["compacter", "houlsby", "pfeiffer", "phm"][i], seed=i, reduction_factor=16))
+    names = []
+    for i, (method, overrides) in enumerate(METHODS):
+        engine.load(adapter_for(f"m{i}", method, seed=i, std=0.3, **overrides))
+        names.append(f"m{i}")
     return names
 
 
-def gate(engine: Engine) -> threading.Event:
-    """Hold every engine call until the returned event is set."""
-    release = threading.Event()
-    original = engine.generate_leased
-
-    def held(*a, **kw):
-        release.wait(10)
-        return original(*a, **kw)
-
-    engine.generate_leased = held  # type: ignore[method-assign]
-    return release
+def alone(engine: Engine, task: str | None, text: str, p: GenerationParams) -> str:
+    return engine.generate([task], [text], p.max_new_tokens, p.num_beams, p.min_new_tokens).outputs[0]
 
 
-def test_concurrent_requests_of_different_tasks_share_one_batch(engine: Engine, tasks: list[str]) -> None:
-    async def run() -> list:
+def alone_ids(engine: Engine, task: str | None, text: str, p: GenerationParams) -> list[int]:
+    return engine.generate([task], [text], p.max_new_tokens, p.num_beams, p.min_new_tokens).token_ids[0]
+
+
+def test_rows_joining_mid_generation_equal_their_runs_alone_for_every_method(engine: Engine, tasks) -> None:
+    """A long request runs; at its 3rd step every method joins (different lengths, so rows leave around it)."""
+    long = GenerationParams(max_new_tokens=24, min_new_tokens=24)
+    joiners = [
+        (t, INPUTS[i % len(INPUTS)], GenerationParams(max_new_tokens=3 + i, min_new_tokens=i % 4))
+        for i, t in enumerate(tasks)
+    ]
+    reached, release = step_gate(engine, at=3)
+
+    async def run():
         s = make(engine)
         s.start()
-        jobs = [s.submit(GEN, entry(engine, tasks[i % 4]), [f"in {i}"], None, 5) for i in range(8)]
-        out = await asyncio.gather(*jobs)
+        first = asyncio.ensure_future(ask(s, tasks[0], ["the long one"], long))
+        await asyncio.to_thread(reached.wait, 20)
+        joined = [asyncio.ensure_future(ask(s, t, [x], p)) for t, x, p in joiners]
+        await asyncio.sleep(0.05)
+        release.set()
+        out = await asyncio.gather(first, *joined)
         await s.drain_and_stop()
-        return [out, s.metrics]
+        return out, s.metrics
 
     out, metrics = asyncio.run(run())
-    assert [r.task for r in out] == [tasks[i % 4] for i in range(8)]
+    assert out[0] == [alone(engine, tasks[0], "the long one", long)]
+    for (t, x, p), got in zip(joiners, out[1:], strict=True):
+        assert got == [alone(engine, t, x, p)], (t, p)
     sample = metrics.registry.get_sample_value
-    assert sample("kronserve_batch_tasks_count") == 1 and sample("kronserve_batch_tasks_sum") == 4
-    assert sample("kronserve_batch_rows_sum") == 8
-    alone = [engine.generate([tasks[i % 4]], [f"in {i}"], max_new_tokens=4).outputs for i in range(8)]
-    assert [r.values for r in out] == alone
+    # Requests of different tasks and settings shared decode steps.
+    assert sample("kronserve_step_tasks_sum") > sample("kronserve_step_tasks_count")
+    assert sample("kronserve_step_rows_sum") >= 3 * sample("kronserve_step_rows_count") // 2
 
 
-def test_rows_bound_splits_batches(engine: Engine, tasks: list[str]) -> None:
-    async def run() -> Metrics:
-        s = make(engine, max_rows=3)
+def test_token_ids_of_a_joined_row_equal_hf_generate_alone(engine: Engine, tasks) -> None:
+    """Ids, not just text: the byte tokenizer drops ids when decoding, so compare what the loop produced."""
+    seen: list[list[int]] = []
+    original = engine.decode
+    engine.decode = lambda ids: (seen.append(list(ids)), original(ids))[1]  # type: ignore[method-assign]
+    reached, release = step_gate(engine, at=2)
+    p_long, p_short = GenerationParams(max_new_tokens=12, min_new_tokens=12), GenerationParams(max_new_tokens=6)
+
+    async def run():
+        s = make(engine)
         s.start()
-        await asyncio.gather(*(s.submit(GEN, entry(engine, tasks[0]), ["a", "b"], None, 4) for _ in range(3)))
+        first = asyncio.ensure_future(ask(s, tasks[3], [INPUTS[0]], p_long))
+        await asyncio.to_thread(reached.wait, 20)
+        second = asyncio.ensure_future(ask(s, tasks[9], [INPUTS[2]], p_short))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(first, second)
         await s.drain_and_stop()
-        return s.metrics
 
-    metrics = asyncio.run(run())
-    sample = metrics.registry.get_sample_value
-    assert sample("kronserve_batch_rows_sum") == 6 and sample("kronserve_batch_rows_count") == 3
+    asyncio.run(run())
+    assert sorted(seen) == sorted(
+        [alone_ids(engine, tasks[3], INPUTS[0], p_long), alone_ids(engine, tasks[9], INPUTS[2], p_short)]
+    )
 
 
-def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, tasks: list[str]) -> None:
-    release = gate(engine)
+def test_beam_search_in_the_loop_equals_hf_beam_search_alone(engine: Engine, tasks) -> None:
+    beams = [
+        GenerationParams(max_new_tokens=8, num_beams=3),
+        GenerationParams(max_new_tokens=6, num_beams=2, min_new_tokens=4),
+    ]
+    reached, release = step_gate(engine, at=2)
 
-    async def run() -> tuple[list, BaseException]:
-        s = make(engine, queue_size=2, wait_ms=0)
+    async def run():
+        s = make(engine)
         s.start()
-        first = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
-        await asyncio.sleep(0.1)  # the first is now inside the (held) engine
-        queued = [asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[1]), ["b"], None, 2)) for _ in range(2)]
+        greedy = asyncio.ensure_future(ask(s, tasks[1], ["greedy neighbour"], GenerationParams(max_new_tokens=10)))
+        await asyncio.to_thread(reached.wait, 20)
+        found = [asyncio.ensure_future(ask(s, tasks[i], INPUTS[:2], p)) for i, p in ((0, beams[0]), (9, beams[1]))]
+        await asyncio.sleep(0.05)
+        release.set()
+        out = await asyncio.gather(*found, greedy)
+        await s.drain_and_stop()
+        return out
+
+    b0, b1, greedy = asyncio.run(run())
+    assert b0 == [alone(engine, tasks[0], x, beams[0]) for x in INPUTS[:2]]
+    assert b1 == [alone(engine, tasks[9], x, beams[1]) for x in INPUTS[:2]]
+    assert greedy == [alone(engine, tasks[1], "greedy neighbour", GenerationParams(max_new_tokens=10))]
+
+
+def test_sampling_is_reproducible_for_a_seed_whatever_rides_beside_it(engine: Engine, tasks) -> None:
+    sampled = GenerationParams(max_new_tokens=12, min_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=7)
+
+    async def run(with_neighbours: bool):
+        s = make(engine)
+        s.start()
+        jobs = [ask(s, tasks[0], ["sample me", "and me"], sampled)]
+        if with_neighbours:
+            jobs += [ask(s, t, ["noise"], GenerationParams(max_new_tokens=5, temperature=1.0)) for t in tasks[1:6]]
+        out = await asyncio.gather(*jobs)
+        await s.drain_and_stop()
+        return out[0]
+
+    quiet, crowded = asyncio.run(run(False)), asyncio.run(run(True))
+    assert quiet == crowded
+    other_seed = GenerationParams(**{**sampled.__dict__, "seed": 8})
+
+    async def run_other():
+        s = make(engine)
+        s.start()
+        out = await ask(s, tasks[0], ["sample me"], other_seed)
+        await s.drain_and_stop()
+        return out
+
+    assert asyncio.run(run_other()) != quiet[:1]
+
+
+def test_scores_run_between_steps_without_waiting_for_a_generation(engine: Engine, tasks) -> None:
+    reached, release = step_gate(engine, at=3)
+
+    async def run():
+        s = make(engine)
+        s.start()
+        long = asyncio.ensure_future(ask(s, tasks[0], ["long"], GenerationParams(max_new_tokens=40, min_new_tokens=40)))
+        await asyncio.to_thread(reached.wait, 20)
+        score = asyncio.ensure_future(ask(s, tasks[2], ["in"], None, targets=["out"]))
+        release.set()
+        scored = await score
+        still_running = not long.done()
+        await long
+        await s.drain_and_stop()
+        return scored, still_running
+
+    scored, still_running = asyncio.run(run())
+    assert still_running
+    assert scored == pytest.approx(engine.score([tasks[2]], ["in"], ["out"]).scores, abs=1e-4)
+
+
+def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, tasks) -> None:
+    reached, release = step_gate(engine, at=1)
+
+    async def run():
+        s = make(engine, queue_size=2)
+        s.start()
+        first = asyncio.ensure_future(ask(s, tasks[0], ["a"]))
+        await asyncio.to_thread(reached.wait, 20)
+        queued = [asyncio.ensure_future(ask(s, tasks[1], ["b"])) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(Overloaded) as refused:
-            await s.submit(GEN, entry(engine, tasks[2]), ["c"], None, 2)
+            await ask(s, tasks[2], ["c"])
         release.set()
         done = await asyncio.gather(first, *queued)
         await s.drain_and_stop()
@@ -97,72 +219,111 @@ def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, 
 
     done, refused = asyncio.run(run())
     assert len(done) == 3 and refused.retry_after >= 1
+    assert engine.registry._refs.total() == 0  # every lease, the refused one's included, was released
 
 
-def test_task_deleted_while_queued_still_answers_with_its_version(engine: Engine, tasks: list[str]) -> None:
-    before = engine.generate([tasks[2]], ["x"], max_new_tokens=4).outputs
-    release = gate(engine)
+def test_swap_and_delete_mid_generation_finish_on_the_running_version(engine: Engine, adapter_for) -> None:
+    v1 = adapter_for("swap", "houlsby", seed=1, std=0.6)
+    v2 = adapter_for("swap", "houlsby", seed=2, std=0.6)
+    engine.load(v1, version=1)
+    p = GenerationParams(max_new_tokens=16, min_new_tokens=16)
+    before = alone(engine, "swap", "text", p)
+    reached, release = step_gate(engine, at=4)
 
-    async def run() -> list:
-        s = make(engine, wait_ms=0)
+    async def run():
+        s = make(engine)
         s.start()
-        blocker = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
-        await asyncio.sleep(0.1)
-        accepted = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[2]), ["x"], None, 2))
-        await asyncio.sleep(0.05)
-        gone = engine.registry.delete(tasks[2])
-        assert engine.bank.loaded() == 4  # the deleted version stays resident while a request holds it
+        running = asyncio.ensure_future(ask(s, "swap", ["text"], p))
+        await asyncio.to_thread(reached.wait, 20)
+        engine.load(v2, version=2)  # mid-generation: the running request keeps v1's slot
+        loaded_during = engine.bank.loaded()
         release.set()
-        out = await asyncio.gather(blocker, accepted)
+        first = await running
+        second = await ask(s, "swap", ["text"], p)
+        engine.registry.delete("swap")
         await s.drain_and_stop()
-        return [*out, gone]
+        return first, second, loaded_during
 
-    blocker, accepted, gone = asyncio.run(run())
-    assert blocker.task == tasks[0]
-    assert accepted.task == tasks[2] and accepted.version == gone.version and accepted.values == before
+    first, second, loaded_during = asyncio.run(run())
+    engine.load(v2, version=2)
+    alone_v2 = alone(engine, "swap", "text", p)
+    engine.registry.delete("swap")
+    assert first == [before]
+    assert loaded_during == 2  # v1 stayed resident while its row ran
+    assert second == [alone_v2] and second != first
     with pytest.raises(UnknownTask):
-        engine.registry.acquire([tasks[2]])
+        engine.registry.acquire(["swap"])
+    assert engine.bank.loaded() == 0
 
 
-def test_request_that_waits_too_long_times_out(engine: Engine, tasks: list[str]) -> None:
-    release = gate(engine)
-
-    async def run() -> None:
-        s = make(engine, timeout_s=0.2, wait_ms=0)
+def test_a_timed_out_request_leaves_at_the_next_step_and_frees_its_lease(engine: Engine, tasks) -> None:
+    async def run():
+        s = make(engine, timeout_s=0.3)
         s.start()
         with pytest.raises(RequestTimeout):
-            await s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2)
-        release.set()
+            await ask(s, tasks[0], ["x"] * 8, GenerationParams(max_new_tokens=500, min_new_tokens=500, num_beams=4))
+        for _ in range(100):
+            if s.idle:
+                break
+            await asyncio.sleep(0.05)
+        idle = s.idle
+        quick = await ask(s, tasks[1], ["y"])
         await s.drain_and_stop()
+        return idle, quick, s.metrics
 
-    asyncio.run(run())
+    idle, quick, metrics = asyncio.run(run())
+    assert idle, "the abandoned rows kept the engine busy"
+    assert metrics.registry.get_sample_value("kronserve_cancelled_requests_total", {"stage": "running"}) == 1
+    assert engine.registry._refs.total() == 0
+    assert quick == [alone(engine, tasks[1], "y", GEN)]
 
 
-def test_a_request_whose_caller_gave_up_is_dropped_not_run(engine: Engine, tasks: list[str]) -> None:
-    """The cluster gateway cancels a call it re-sends elsewhere: the queued job must not run after its lease ends."""
-    release = gate(engine)
-    rows_run: list[int] = []
-    original = engine.generate_leased
+def test_a_request_whose_caller_gave_up_while_queued_is_dropped_not_run(engine: Engine, tasks) -> None:
+    reached, release = step_gate(engine, at=1)
+    admitted: list[int] = []
+    original = engine.prefill
+    engine.prefill = lambda inputs, *a: (admitted.append(len(inputs)), original(inputs, *a))[1]  # type: ignore
 
-    def counted(entries, inputs, *a, **kw):
-        rows_run.append(len(inputs))
-        return original(entries, inputs, *a, **kw)
-
-    engine.generate_leased = counted  # type: ignore[method-assign]
-
-    async def run() -> None:
-        s = make(engine, wait_ms=0)
+    async def run():
+        s = make(engine)
         s.start()
-        first = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[0]), ["a"], None, 2))
-        await asyncio.sleep(0.1)  # the first is now inside the (held) engine
-        abandoned = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[1]), ["b", "c"], None, 4))
-        kept = asyncio.ensure_future(s.submit(GEN, entry(engine, tasks[2]), ["d"], None, 2))
+        first = asyncio.ensure_future(ask(s, tasks[0], ["a"]))
+        await asyncio.to_thread(reached.wait, 20)
+        abandoned = asyncio.ensure_future(ask(s, tasks[1], ["b", "c"]))
+        kept = asyncio.ensure_future(ask(s, tasks[2], ["d"]))
         await asyncio.sleep(0.05)
         abandoned.cancel()
         release.set()
         await asyncio.gather(first, kept)
-        assert abandoned.cancelled()
         await s.drain_and_stop()
+        return s.metrics
 
-    asyncio.run(run())
-    assert rows_run == [1, 1]  # the first alone, then only the kept request: the abandoned two rows never ran
+    metrics = asyncio.run(run())
+    assert admitted == [1, 1]  # the first alone, then only the kept request: the abandoned rows never ran
+    assert metrics.registry.get_sample_value("kronserve_cancelled_requests_total", {"stage": "queued"}) == 1
+    assert engine.registry._refs.total() == 0
+
+
+def test_a_row_that_cannot_be_decoded_fails_alone(engine: Engine, tasks) -> None:
+    bad = alone_ids(engine, tasks[4], "poison", GEN)
+    original = engine.decode
+
+    def decode(ids):
+        if list(ids) == bad:
+            raise ValueError("bytes must be in range(0, 256)")
+        return original(ids)
+
+    engine.decode = decode  # type: ignore[method-assign]
+
+    async def run():
+        s = make(engine, wait_s=0.05)
+        s.start()
+        out = await asyncio.gather(
+            ask(s, tasks[4], ["poison"]), *(ask(s, t, ["fine"]) for t in tasks[5:8]), return_exceptions=True
+        )
+        await s.drain_and_stop()
+        return out
+
+    poisoned, *fine = asyncio.run(run())
+    assert isinstance(poisoned, RuntimeError)
+    assert fine == [[alone(engine, t, "fine", GEN)] for t in tasks[5:8]]
