@@ -90,9 +90,9 @@ async def head_of_line(client: httpx.AsyncClient, url: str, shorts: int) -> tupl
     """(idle p50, p50 while a 16-row 64-token request runs) of 2-token requests sent one after another."""
     idle = [await predict(client, url, f"task{i % N_TASKS}", [text(i)], 2) for i in range(shorts)]
     long = asyncio.create_task(predict(client, url, "task0", [text(i) for i in range(16)], 64))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.05)  # the long request is admitted; every short one below is sent while it runs
     busy = []
-    while not long.done():
+    while not busy or not long.done():
         busy.append(await predict(client, url, f"task{len(busy) % N_TASKS}", [text(len(busy))], 2))
     await long
     return statistics.median(idle), statistics.median(busy) if busy else float("nan")
