@@ -111,7 +111,8 @@ class Service:
         if not self.ready:
             why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
             raise NotReady(f"not ready: {why}", retry_after=5)
-        return {"status": "ready", "adapters": len(self.engine.registry.entries())}
+        registry = self.engine.registry
+        return {"status": "ready", "adapters": len(registry.entries()), "unavailable": registry.unavailable()}
 
     async def predict(self, task: str, inputs: list[str], key: BatchKey, pin: VersionRef | None = None) -> Result:
         scheduler = self.scheduler
