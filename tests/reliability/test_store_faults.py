@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kronserve.store import LocalStore
+
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Payload, error_code, metric, store_check
 
@@ -150,3 +152,42 @@ def test_a_store_failing_at_any_step_leaves_the_old_or_the_new_state(
     code, report = store_check(store)
     assert code == 0 and report["problems"] == [] and report["orphans"] == [], report
     assert sorted(report["ok"]) == sorted(t for t, v in expected.items() if v is not None)
+
+
+def test_a_stored_file_that_cannot_be_read_makes_its_task_503_and_shows_in_readyz(
+    tiny_dir: Path, tmp_path: Path, payload: Payload
+) -> None:
+    store = tmp_path / "store"
+    seed = LocalStore(store)
+    for task in ("good", "broken"):
+        seed.activate(seed.write(task, payload(task, seed=1)))
+    damaged = next((store / "broken").glob("v*.safetensors"))
+    damaged.write_bytes(damaged.read_bytes()[:100])  # cut short, as by a failing disk: its sha256 no longer matches
+
+    s = Server(tiny_dir, store).start()
+    try:
+        ready = httpx.get(f"{s.url}/readyz", timeout=TIMEOUT)
+        assert ready.status_code == 200 and ready.json()["adapters"] == 1, ready.text
+        unavailable = ready.json()["unavailable"]
+        assert list(unavailable) == ["broken"] and "store_error" in unavailable["broken"]
+        assert metric(s.url, "kronserve_adapters_unavailable") == 1
+        assert metric(s.url, "kronserve_adapter_load_failures_total", source="store", code="store_error") == 1
+        asks = [
+            ("GET", "/v1/adapters/broken", None),
+            ("POST", "/v1/predict", {"task": "broken", "inputs": ["x"]}),
+            ("POST", "/v1/score", {"task": "broken", "inputs": ["x"], "targets": ["y"]}),
+        ]
+        for method, path, body in asks:
+            r = httpx.request(method, f"{s.url}{path}", json=body, timeout=TIMEOUT)
+            assert r.status_code == 503 and error_code(r) == "store_error", (path, r.text)
+            assert r.headers["retry-after"] == "5" and "cannot be loaded" in r.json()["error"]["message"]
+        assert served(s.url, "good") is not None
+
+        assert httpx.delete(f"{s.url}/v1/adapters/broken", timeout=TIMEOUT).status_code == 204  # still deletable
+        assert served(s.url, "broken") is None
+        assert httpx.get(f"{s.url}/readyz", timeout=TIMEOUT).json()["unavailable"] == {}
+        assert metric(s.url, "kronserve_adapters_unavailable") == 0
+    finally:
+        s.stop()
+    code, report = store_check(store)
+    assert code == 0 and report["ok"] == ["good"] and report["orphans"] == [], report
