@@ -112,7 +112,10 @@ class Service:
             why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
             raise NotReady(f"not ready: {why}", retry_after=5)
         registry = self.engine.registry
-        return {"status": "ready", "adapters": len(registry.entries()), "unavailable": registry.unavailable()}
+        ready: dict[str, object] = {"status": "ready", "adapters": len(registry.entries())}
+        if unavailable := registry.unavailable():  # stored tasks that could not be loaded: they answer 503
+            ready["unavailable"] = unavailable
+        return ready
 
     async def predict(self, task: str, inputs: list[str], key: BatchKey, pin: VersionRef | None = None) -> Result:
         scheduler = self.scheduler
