@@ -247,7 +247,7 @@ class Registry:
             slot = self._allocate(adapter.task)
             try:
                 self.bank.write(slot, adapter)
-                self.store.activate(ref)  # raises only if the pointer did not move
+                self._activate(ref)
             except BaseException:
                 self._return_unused(slot)
                 raise
@@ -255,6 +255,21 @@ class Registry:
             self._discard(ref)
             raise
         return self._swap(adapter, ref.version, ref.sha256, slot)
+
+    def _activate(self, ref: VersionRef) -> None:
+        """Move the store's pointer (it raises only if the pointer did not move). If it raised yet the pointer names
+        `ref` (S3's answer lost on the way back), the change is made: carry on, so the client hears what is stored."""
+        assert self.store is not None
+        try:
+            self.store.activate(ref)
+        except StoreError:
+            try:
+                landed = self.store.active(ref.task) == ref
+            except StoreError:
+                landed = False
+            if not landed:
+                raise
+            log.warning("store: moving %s's pointer to v%d reported an error, but it moved", ref.task, ref.version)
 
     def _discard(self, ref: VersionRef) -> None:
         """Remove a version that never became active; failing to is an orphan for `store check`, not a new error
