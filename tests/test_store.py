@@ -171,3 +171,40 @@ def test_two_processes_sharing_a_directory_never_leave_a_pointer_to_a_missing_fi
     assert a.check().clean  # a's older version went when b's became active
     a.discard(VersionRef("t", rb.version, "0" * 64))  # exact file only: the same number with other bytes
     assert a.read(a.active("t")) == b"from b"
+
+
+class LostAnswer(LocalStore):
+    """The pointer moves, then the answer is lost (as an S3 response can be): the change is made."""
+
+    def activate(self, ref: VersionRef) -> None:
+        super().activate(ref)
+        raise StoreError("connection reset while reading the answer")
+
+
+class PointerStuck(LocalStore):
+    """The pointer cannot move (a full disk, a read-only directory): nothing changes."""
+
+    def activate(self, ref: VersionRef) -> None:
+        raise StoreError("no space left on device")
+
+
+def test_an_upload_whose_pointer_moved_is_served_even_if_the_store_reported_an_error(
+    tmp_path: Path, backbone: Backbone, adapter_for
+) -> None:
+    store = LostAnswer(tmp_path)
+    engine = Engine(backbone, store=store)
+    entry = engine.registry.upload("t", dumps(adapter_for("t", "compacter", seed=1)))
+    assert engine.registry.get("t") == entry and store.active("t") == VersionRef("t", 1, entry.sha256)
+    assert store.read(VersionRef("t", 1, entry.sha256))  # the file the pointer names was kept
+
+
+def test_an_upload_whose_pointer_did_not_move_leaves_no_trace_and_is_counted(
+    tmp_path: Path, backbone: Backbone, adapter_for
+) -> None:
+    metrics = Metrics()
+    engine = Engine(backbone, store=PointerStuck(tmp_path), metrics=metrics)
+    with pytest.raises(StoreError, match="no space"):
+        engine.registry.upload("t", dumps(adapter_for("t", "compacter", seed=1)))
+    assert engine.registry.peek("t") is None and list(tmp_path.iterdir()) == []  # no file, no empty task directory
+    sample = metrics.registry.get_sample_value
+    assert sample("kronserve_adapter_load_failures_total", {"source": "upload", "code": "store_error"}) == 1

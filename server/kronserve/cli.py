@@ -56,6 +56,10 @@ def serve(
     queue_size: Annotated[int | None, typer.Option(help="[env KRONSERVE_QUEUE_SIZE]")] = None,
     request_timeout_s: Annotated[float | None, typer.Option(help="[env KRONSERVE_REQUEST_TIMEOUT_S]")] = None,
     max_upload_bytes: Annotated[int | None, typer.Option(help="[env KRONSERVE_MAX_UPLOAD_BYTES]")] = None,
+    keepalive_timeout_s: Annotated[int | None, typer.Option(help="[env KRONSERVE_KEEPALIVE_TIMEOUT_S]")] = None,
+    header_timeout_s: Annotated[float | None, typer.Option(help="[env KRONSERVE_HEADER_TIMEOUT_S]")] = None,
+    body_timeout_s: Annotated[float | None, typer.Option(help="[env KRONSERVE_BODY_TIMEOUT_S]")] = None,
+    max_connections: Annotated[int | None, typer.Option(help="[env KRONSERVE_MAX_CONNECTIONS]")] = None,
     admin_token: Annotated[str | None, typer.Option(help="[env KRONSERVE_ADMIN_TOKEN]")] = None,
 ) -> None:
     """Start the HTTP service. Every option can also come from its KRONSERVE_* environment variable."""

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     max_beams: int = Field(default=8, ge=1)
 
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    keepalive_timeout_s: int = Field(default=5, ge=1, description="close a kept-alive connection idle this long")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="close a connection whose request head is not complete this long"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="answer 408 when a request body sends no bytes for this long"
+    )
+    max_connections: int = Field(
+        default=1024, ge=1, description="open connections (or requests) before new ones get a plain 503 (uvicorn)"
+    )
     accept_pickle: bool = Field(
         default=True, description="read AdapterHub .bin uploads (torch weights-only loader); false: 415"
     )

@@ -92,6 +92,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("kronserve_queue_depth", "Requests waiting for a batch", registry=r)
         self.adapters_active = Gauge("kronserve_adapters_active", "Tasks with an active version", registry=r)
+        self.adapters_unavailable = Gauge(
+            "kronserve_adapters_unavailable",
+            "Tasks in the store whose active version could not be loaded (they answer 503; see /readyz)",
+            registry=r,
+        )
         self.adapters_resident = Gauge(
             "kronserve_adapters_resident", "Adapter versions in bank slots (active + draining)", registry=r
         )

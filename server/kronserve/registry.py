@@ -1,8 +1,9 @@
 """Task id -> active version -> bank slot; the only place that decides when a slot is free.
 
 Upload = validate -> write the version file (not active yet) -> load it into a fresh slot -> move
-the store's ACTIVE pointer -> swap the task's entry (one assignment under a lock). A failure at any
-step undoes the earlier ones, so the old version keeps serving and no file is left behind. A batch
+the store's ACTIVE pointer -> swap the task's entry (one assignment under a lock). Moving the pointer
+is the commit point: a failure before it undoes the earlier steps, so the old version keeps serving
+and no file is left behind; the store never raises after it (see store/local.py). A batch
 leases the entries it resolved, so it finishes on the versions it started with; a replaced or
 deleted version's slot is cleared only when its last lease ends.
 """
@@ -25,7 +26,7 @@ from .formats.native import AdapterFile
 from .methods import MethodSpec
 from .metrics import Metrics
 from .plan import BARE
-from .store import AdapterStore, check_task_id, sha256_of
+from .store import AdapterStore, StoreError, VersionRef, check_task_id, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Registry:
         self._lock = threading.Lock()  # guards the maps below; held only briefly
         self._mutate = threading.Lock()  # serializes uploads, deletes and refreshes
         self._active: dict[str, Entry] = {}
+        self._unavailable: dict[str, str] = {}  # task -> why its active version in the store could not be loaded
         self._refs: Counter[int] = Counter()
         self._retired: set[int] = set()
         self._free: list[int] = []
@@ -76,8 +78,19 @@ class Registry:
     def get(self, task: str) -> Entry:
         entry = self._active.get(task)
         if entry is None:
-            raise UnknownTask(f"unknown task {task!r}")
+            raise self._missing(task)
         return entry
+
+    def unavailable(self) -> dict[str, str]:
+        """Tasks the store holds whose active version could not be loaded, and why (for /readyz)."""
+        return dict(self._unavailable)
+
+    def _missing(self, task: str) -> KronserveError:
+        """404 for a task the store does not hold; 503 for one it holds but whose file could not be loaded."""
+        why = self._unavailable.get(task)
+        if why is not None:
+            return StoreError(f"task {task!r} is in the store but its active version cannot be loaded: {why}")
+        return UnknownTask(f"unknown task {task!r}")
 
     def peek(self, task: str) -> Entry | None:
         return self._active.get(task)
@@ -104,7 +117,7 @@ class Registry:
             entries = [None if t is None else self._active.get(t) for t in tasks]
             for t, e in zip(tasks, entries, strict=True):
                 if t is not None and e is None:
-                    raise UnknownTask(f"unknown task {t!r}")
+                    raise self._missing(t)
             self._refs.update(e.slot for e in entries if e is not None)
             now = time.monotonic()
             self._last_used.update((t, now) for t in tasks if t is not None)
@@ -129,7 +142,7 @@ class Registry:
     # ---- writes ------------------------------------------------------------------------------
     def install(self, adapter: AdapterFile, version: int, sha256: str) -> Entry:
         """Load a validated adapter into a fresh slot and make it the task's active version."""
-        slot = self._allocate()
+        slot = self._allocate(adapter.task)
         try:
             self.bank.write(slot, adapter)
         except BaseException:
@@ -153,16 +166,21 @@ class Registry:
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
         return entry
 
-    def delete(self, task: str) -> Entry:
+    def delete(self, task: str) -> Entry | None:
+        """Delete from the store, then stop serving; a task whose stored version cannot load is deletable too."""
         check_task_id(task)
         with self._mutate:
-            entry = self.get(task)
+            entry = self._active.get(task)
+            if entry is None and task not in self._unavailable:
+                raise UnknownTask(f"unknown task {task!r}")
             if self.store is not None:
                 self.store.delete(task)
             with self._lock:
-                del self._active[task]
-                self._last_used.pop(task, None)
-                self._retire(entry.slot)
+                self._unavailable.pop(task, None)
+                if entry is not None:
+                    del self._active[task]
+                    self._last_used.pop(task, None)
+                    self._retire(entry.slot)
         self._update_gauges()
         return entry
 
@@ -192,7 +210,9 @@ class Registry:
                 loaded.append(task)
             except KronserveError as e:
                 self.metrics.adapter_load_failures.labels("store", e.code).inc()
+                self._unavailable[task] = f"{e.code}: {e}"
                 log.error("store: skipping task %r: %s", task, e)
+        self._update_gauges()
         return loaded
 
     def refresh(self, task: str) -> Entry | None:
@@ -202,6 +222,7 @@ class Registry:
             ref = self.store.active(task)
             current = self._active.get(task)
             if ref is None:
+                self._unavailable.pop(task, None)
                 if current is not None:
                     with self._lock:
                         del self._active[task]
@@ -221,19 +242,43 @@ class Registry:
         if self.store is None:
             current = self._active.get(adapter.task)
             return self.install(adapter, (current.version if current else 0) + 1, sha256_of(data))
-        ref = self.store.write(adapter.task, data)
+        ref = self.store.write(adapter.task, data)  # raises with nothing written
         try:
-            slot = self._allocate()
+            slot = self._allocate(adapter.task)
             try:
                 self.bank.write(slot, adapter)
-                self.store.activate(ref)
+                self._activate(ref)
             except BaseException:
                 self._return_unused(slot)
                 raise
         except BaseException:
-            self.store.discard(ref)
+            self._discard(ref)
             raise
         return self._swap(adapter, ref.version, ref.sha256, slot)
+
+    def _activate(self, ref: VersionRef) -> None:
+        """Move the store's pointer (it raises only if the pointer did not move). If it raised yet the pointer names
+        `ref` (S3's answer lost on the way back), the change is made: carry on, so the client hears what is stored."""
+        assert self.store is not None
+        try:
+            self.store.activate(ref)
+        except StoreError:
+            try:
+                landed = self.store.active(ref.task) == ref
+            except StoreError:
+                landed = False
+            if not landed:
+                raise
+            log.warning("store: moving %s's pointer to v%d reported an error, but it moved", ref.task, ref.version)
+
+    def _discard(self, ref: VersionRef) -> None:
+        """Remove a version that never became active; failing to is an orphan for `store check`, not a new error
+        that would hide the one the client must see."""
+        assert self.store is not None
+        try:
+            self.store.discard(ref)
+        except KronserveError as e:
+            log.warning("store: could not remove unactivated %s v%d: %s", ref.task, ref.version, e)
 
     def _swap(self, adapter: AdapterFile, version: int, sha256: str, slot: int) -> Entry:
         params = adapter.spec.param_count(adapter.geometry)
@@ -241,18 +286,25 @@ class Registry:
         with self._lock:
             old = self._active.get(adapter.task)
             self._active[adapter.task] = entry
+            self._unavailable.pop(adapter.task, None)
             if old is not None:
                 self._retire(old.slot)
         self._update_gauges()
         return entry
 
     # ---- slots -------------------------------------------------------------------------------
-    def _allocate(self) -> int:
+    def _allocate(self, task: str) -> int:
+        """A free slot. The last one is kept for updates: a new task may not take it, so an existing task can
+        always get the second slot its new version needs until the old one's batches end."""
         with self._lock:
+            free = len(self._free) + self.bank.max_slots - self._next_slot
+            kept = 1 if task not in self._active and self.bank.max_slots > 1 else 0
+            if free <= kept:
+                raise BankFull(
+                    f"all {self.bank.max_slots} adapter slots are in use (one is kept for updates of existing tasks)"
+                )
             if self._free:
                 return self._free.pop()
-            if self._next_slot >= self.bank.max_slots:
-                raise BankFull(f"all {self.bank.max_slots} adapter slots are in use")
             self._next_slot += 1
             return self._next_slot - 1
 
@@ -273,4 +325,5 @@ class Registry:
 
     def _update_gauges(self) -> None:
         self.metrics.adapters_active.set(len(self._active))
+        self.metrics.adapters_unavailable.set(len(self._unavailable))
         self.metrics.adapters_resident.set(self.bank.loaded())

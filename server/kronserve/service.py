@@ -107,7 +107,11 @@ class Service:
         if not self.ready:
             why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
             raise NotReady(f"not ready: {why}", retry_after=5)
-        return {"status": "ready", "adapters": len(self.engine.registry.entries())}
+        registry = self.engine.registry
+        ready: dict[str, object] = {"status": "ready", "adapters": len(registry.entries())}
+        if unavailable := registry.unavailable():  # stored tasks that could not be loaded: they answer 503
+            ready["unavailable"] = unavailable
+        return ready
 
     async def predict(
         self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None

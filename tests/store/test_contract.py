@@ -20,8 +20,9 @@ class LocalBackend:
         self.store: AdapterStore = LocalStore(root)
 
     def objects(self, task: str) -> list[str]:
-        d = self.root / task
-        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        """The task's files, also those a delete renamed away (`.tmp-<hex>-deleted-<task>`) and left behind."""
+        dirs = [self.root / task, *self.root.glob(f".tmp-*-deleted-{task}")]
+        return sorted(p.name for d in dirs if d.is_dir() for p in d.iterdir())
 
     def corrupt(self, ref: VersionRef) -> None:
         next((self.root / ref.task).glob(f"v{ref.version:06d}-*.safetensors")).write_bytes(b"tampered")

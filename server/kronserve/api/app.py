@@ -19,6 +19,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..service import Service
 from .backend import Backend
+from .connections import BodyDeadline, head_deadline
 from .errors import install_error_handlers
 from .routes import router
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(router)
 
     app.add_middleware(JsonBodyLimit, limit=settings.max_request_bytes, metrics=service.metrics)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
 
@@ -155,6 +157,9 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keepalive_timeout_s,
+        limit_concurrency=settings.max_connections,
+        http=head_deadline(settings.header_timeout_s),
     )
     # uvicorn re-raises the signal it drained on; after a clean SIGTERM drain that must be a no-op (exit 0).
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from ..errors import (
@@ -24,6 +25,7 @@ from ..errors import (
     UnsupportedFormat,
 )
 from ..store import StoreConflict, StoreError
+from .connections import BODY_TIMEOUT, CLIENT_CLOSED
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,10 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_format",
+    BODY_TIMEOUT: "body_timeout",
+    CLIENT_CLOSED: "client_closed",
 }
+RETRY_AFTER_S = 5  # for a full bank or a failing store: the operator's problem, so not a tight retry loop
 
 
 def status_of(error: KronserveError) -> int:
@@ -85,13 +90,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _kronserve(request: Request, exc: KronserveError) -> JSONResponse:
         status = status_of(exc)
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
-        if isinstance(exc, StoreError) and status == 503:  # storage unreachable or a stored file unreadable
-            headers = {"Retry-After": "5"}
+        if isinstance(exc, (StoreError, BankFull)) and status == 503:  # store failing or unreadable; no free slot
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         if status == 500:
             log.error("internal error on %s: %s", request.url.path, exc)
         return error_response(request, status, exc.code, str(exc), headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_closed(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        """The client closed the connection mid-request: its own status and code, no traceback, never a 5xx."""
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return error_response(request, CLIENT_CLOSED, "client_closed", "the client closed the connection")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 Metadata (all strings, as safetensors requires): `format` = "kronserve-adapter", `format_version`,
 `task`, `spec` (JSON of the method spec), `backbone` (JSON of the backbone fingerprint). Tensors are
-named as `MethodSpec.tensor_shapes` says. Everything is checked before anything is served.
+named as `MethodSpec.tensor_shapes` says. Everything is checked before anything is served, and refusing
+is cheap: the header's length is bounded by what any adapter for the backbone needs, and every tensor's
+name, shape and dtype is checked from the header before a byte of tensor data is read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from ..methods import Geometry, MethodSpec, parse_spec
 FORMAT = "kronserve-adapter"
 FORMAT_VERSION = "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEADER = 16 * 1024 * 1024
+HEADER_DTYPES = {"F32", "F16", "BF16"}  # safetensors' names for FLOAT_DTYPES
+# safetensors' dtype names -> torch's, to name a refused dtype as `check_tensors` does
+_TORCH_NAMES = {"F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
+MAX_HEADER = 16 * 1024 * 1024  # any file, backbone unknown
+NATIVE_PROBE_HEADER = 1024 * 1024  # `is_native` parses no more (a t5-xxl adapter's header is ~300 KB)
+# A header bound per backbone: metadata (spec, fingerprint: a few KB) + per tensor its entry (~100 bytes), for
+# at most 16 tensors per site, 2 per projection, one per norm and a few shared: a sane writer stays far below.
+_HEADER_BASE, _HEADER_PER_TENSOR = 64 * 1024, 160
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,18 @@ def load(path: str | Path, expect: Fingerprint | None = None) -> AdapterFile:
 
 
 def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
-    """Parse and validate a native file; `expect` is the serving backbone's fingerprint."""
-    metadata = read_metadata(data)
+    """Parse and validate a native file; `expect` is the serving backbone's fingerprint.
+
+    Everything but the values (NaN/Inf) is checked from the header first, so a wrong file costs
+    milliseconds whatever its size or tensor count.
+    """
+    header = _header(data, MAX_HEADER if expect is None else header_limit(expect.geometry))
+    metadata = _metadata(header)
     spec = _spec_of(metadata)
     fingerprint = Fingerprint.from_dict(_json_field(metadata, "backbone"))
     if expect is not None:
         expect.check(fingerprint)
+    check_header(spec, fingerprint.geometry, header)
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own SafetensorError for any malformed body
@@ -76,9 +91,12 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
 
 
 def is_native(data: bytes) -> bool:
-    """Whether `data` is a safetensors file whose metadata says kronserve (valid or not: `loads` says)."""
+    """Whether `data` is a safetensors file whose metadata says kronserve (valid or not: `loads` says).
+
+    A header too large for any adapter is not parsed here (False): the importers then refuse it cheaply.
+    """
     try:
-        metadata = _header(data).get("__metadata__")
+        metadata = _header(data, NATIVE_PROBE_HEADER).get("__metadata__")
     except InvalidAdapter:
         return False
     return isinstance(metadata, dict) and metadata.get("format") == FORMAT
@@ -86,7 +104,11 @@ def is_native(data: bytes) -> bool:
 
 def read_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's `__metadata__`, checked to be a kronserve file of a known version."""
-    metadata = _header(data).get("__metadata__")
+    return _metadata(_header(data, MAX_HEADER))
+
+
+def _metadata(header: dict) -> dict[str, str]:
+    metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):
         raise InvalidAdapter("safetensors file has no __metadata__: not a kronserve adapter")
     bad = sorted(k for k, v in metadata.items() if not isinstance(v, str))
@@ -103,15 +125,27 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def _header(data: bytes) -> dict:
-    """The JSON header of a safetensors file, or an error saying why `data` is not one."""
+def header_limit(geometry: Geometry) -> int:
+    """The longest safetensors header an adapter for `geometry` can need (see _HEADER_BASE)."""
+    tensors = 16 * len(geometry.all_sites()) + 2 * len(geometry.all_linears()) + len(geometry.all_norms()) + 8
+    return _HEADER_BASE + _HEADER_PER_TENSOR * tensors
+
+
+def _header(data: bytes, limit: int) -> dict:
+    """The JSON header of a safetensors file, or an error saying why `data` is not one; a header over `limit`
+    bytes is refused unread (parsing 100,000 entries takes seconds and hundreds of MB)."""
     if not data:
         raise InvalidAdapter("empty file")
     if len(data) < 9 or data[8:9] != b"{":
         raise UnsupportedFormat("not a safetensors file: it does not start with a length and a JSON header")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
+    if 8 + n > len(data):
         raise InvalidAdapter(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
+    if n > limit:
+        raise InvalidAdapter(
+            f"safetensors header of {n} bytes is larger than any adapter for this backbone needs "
+            f"({limit} bytes): too many tensors or too much metadata"
+        )
     try:
         header = json.loads(data[8 : 8 + n])
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, absurd nesting
@@ -121,6 +155,36 @@ def _header(data: bytes) -> dict:
     return header
 
 
+def check_header(spec: MethodSpec, geometry: Geometry, header: dict) -> None:
+    """Every expected tensor listed with its shape and a float dtype, none extra: from the header alone.
+
+    The same refusals as `check_tensors`, before any tensor data is read or allocated.
+    """
+    spec.check_geometry(geometry)
+    expected = spec.tensor_shapes(geometry)
+    listed = {k: v for k, v in header.items() if k != "__metadata__"}
+    _check_names(expected, listed)
+    for name, shape in expected.items():
+        entry = listed[name]
+        if not isinstance(entry, dict):
+            raise InvalidAdapter(f"tensor {name!r}: its header entry is not a JSON object")
+        dtype = entry.get("dtype")
+        if dtype not in HEADER_DTYPES:
+            named = f"torch.{_TORCH_NAMES[dtype]}" if dtype in _TORCH_NAMES else repr(dtype)
+            raise InvalidAdapter(f"tensor {name!r} has dtype {named}; expected float32, float16 or bfloat16")
+        if entry.get("shape") != list(shape):
+            raise InvalidAdapter(f"tensor {name!r} has shape {entry.get('shape')}; expected {list(shape)}")
+
+
+def _check_names(expected: dict[str, tuple[int, ...]], tensors: dict[str, object]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise InvalidAdapter(f"missing tensors ({len(missing)}): {', '.join(missing[:5])}")
+    if extra:
+        raise InvalidAdapter(f"unexpected tensors ({len(extra)}): {', '.join(extra[:5])}")
+
+
 def check_tensors(spec: MethodSpec, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every expected tensor present with its shape, a float dtype and finite values; none extra.
 
@@ -128,12 +192,7 @@ def check_tensors(spec: MethodSpec, geometry: Geometry, tensors: dict[str, torch
     """
     spec.check_geometry(geometry)
     expected = spec.tensor_shapes(geometry)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        raise InvalidAdapter(f"missing tensors ({len(missing)}): {', '.join(missing[:5])}")
-    if extra:
-        raise InvalidAdapter(f"unexpected tensors ({len(extra)}): {', '.join(extra[:5])}")
+    _check_names(expected, tensors)
     out = {}
     for name, shape in expected.items():
         t = tensors[name]

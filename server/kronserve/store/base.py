@@ -3,6 +3,11 @@
 A store holds immutable versions per task and one atomically moved pointer per task naming the
 active one. `epoch()` changes whenever any pointer moves, so replicas that poll it (the cluster's
 change feed of last resort) rescan only when something changed.
+
+Every change has one commit point (the pointer's move, or its removal). A method raises only if the
+change did not happen; what follows the commit (the epoch, removing replaced files) is best-effort,
+so a caller that got an error may tell its client "nothing changed", and one that did not, "done".
+Storage failures of any kind (I/O, permissions, an unreachable endpoint) are `StoreError`.
 """
 
 from __future__ import annotations
@@ -68,15 +73,17 @@ class AdapterStore(ABC):
 
     @abstractmethod
     def activate(self, ref: VersionRef) -> None:
-        """Make `ref` the task's active version, atomically, and move the epoch."""
+        """Make `ref` the task's active version, atomically, and move the epoch; raises only if the pointer
+        did not move."""
 
     @abstractmethod
     def discard(self, ref: VersionRef) -> None:
-        """Remove a version that never became active."""
+        """Remove a version that never became active (never the one the pointer names)."""
 
     @abstractmethod
     def delete(self, task: str) -> None:
-        """Remove the task: its pointer first (atomic), then its files; moves the epoch."""
+        """Remove the task: its pointer first (atomic), then its files; moves the epoch. Raises only if the
+        task is still there."""
 
     @abstractmethod
     def epoch(self) -> str:

@@ -11,22 +11,32 @@ previous ACTIVE pointer and its file intact. Once a new version is active the ta
 files are removed, so a version file without a pointer to it is an orphan (an upload that did not
 finish, or lost a race with another process); it is never served, and `check(repair=True)` removes it.
 Symlinks are never followed.
+
+A failing disk or directory (any OSError) is a `StoreError`, and every operation has one commit point:
+moving ACTIVE (upload) or renaming the task's directory away (delete). A failure before it leaves the
+old state and raises; once it has happened the change stands and what follows (EPOCH, which is only a
+hint for pollers, and removing replaced files) is best-effort: logged, never raised, never undone. So
+the caller's answer always says which state the store is in, and nothing the pointer names is removed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnknownTask
 from .base import TASK_ID_RE, AdapterStore, StoreConflict, StoreError, VersionRef, check_task_id, sha256_of
+
+log = logging.getLogger(__name__)
 
 ACTIVE = "ACTIVE"
 EPOCH = "EPOCH"
@@ -61,17 +71,20 @@ class LocalStore(AdapterStore):
 
     def tasks(self) -> list[str]:
         out = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.is_symlink() or not entry.is_dir() or not TASK_ID_RE.fullmatch(entry.name):
-                continue
-            if self._pointer(entry.name).is_file() and not self._pointer(entry.name).is_symlink():
-                out.append(entry.name)
+        with _os_errors(f"cannot list the store {self.root}"):
+            entries = sorted(self.root.iterdir())
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_dir() or not TASK_ID_RE.fullmatch(entry.name):
+                    continue
+                if self._pointer(entry.name).is_file() and not self._pointer(entry.name).is_symlink():
+                    out.append(entry.name)
         return out
 
     def active(self, task: str) -> VersionRef | None:
         pointer = self._pointer(task)
-        if self._dir(task).is_symlink() or pointer.is_symlink() or not pointer.is_file():
-            return None
+        with _os_errors(f"task {task!r}: cannot look up its {ACTIVE} pointer"):
+            if self._dir(task).is_symlink() or pointer.is_symlink() or not pointer.is_file():
+                return None
         try:
             data = json.loads(_read_nofollow(pointer))
             ref = VersionRef(task, int(data["version"]), str(data["sha256"]))
@@ -94,11 +107,18 @@ class LocalStore(AdapterStore):
         return data
 
     def write(self, task: str, data: bytes) -> VersionRef:
+        """Store the file (not active yet); on failure nothing is left, not even the task directory it made."""
         d = self._dir(task)
-        self._refuse_planted(task)
-        d.mkdir(exist_ok=True)
-        ref = VersionRef(task, self._next_version(task), sha256_of(data))
-        _atomic_write(d / self._file_name(ref), data, lambda: self._fault("version_temp_written"))
+        with _os_errors(f"task {task!r}: cannot write a new version"):
+            self._refuse_planted(task)
+            d.mkdir(exist_ok=True)
+        try:
+            with _os_errors(f"task {task!r}: cannot write a new version"):
+                ref = VersionRef(task, self._next_version(task), sha256_of(data))
+                _atomic_write(d / self._file_name(ref), data, lambda: self._fault("version_temp_written"))
+        except StoreError:
+            self._remove_if_unused(task)
+            raise
         self._fault("version_renamed")
         return ref
 
@@ -117,19 +137,42 @@ class LocalStore(AdapterStore):
         """Move the pointer, then drop the task's older version files (the bank holds what batches use).
 
         Only older ones: another process sharing the directory may be between writing a newer version and
-        activating it, and its file must still be there when its pointer moves.
+        activating it, and its file must still be there when its pointer moves. Raises (StoreError) only if
+        the pointer did not move; once it has moved, nothing is raised or undone.
         """
         body = json.dumps({"version": ref.version, "sha256": ref.sha256, "file": self._file_name(ref)})
-        _atomic_write(self._pointer(ref.task), body.encode(), lambda: self._fault("pointer_temp_written"))
+        with _os_errors(f"task {ref.task!r}: cannot move its {ACTIVE} pointer to version {ref.version}"):
+            _atomic_write(self._pointer(ref.task), body.encode(), lambda: self._fault("pointer_temp_written"))
         self._fault("pointer_renamed")
-        self._bump_epoch()
+        what = f"task {ref.task!r} version {ref.version} is active"
+        _after_commit(what, self._bump_epoch)
         for old in self.versions(ref.task):
             if old.version < ref.version:
-                self.discard(old)
+                _after_commit(what, lambda old=old: self.discard(old))
 
     def discard(self, ref: VersionRef) -> None:
-        """Remove exactly this version's file (another writer may hold the same number with other bytes)."""
-        (self._dir(ref.task) / self._file_name(ref)).unlink(missing_ok=True)
+        """Remove exactly this version's file (another writer may hold the same number with other bytes), never
+        the one the pointer names; then the task's directory, if that leaves it empty."""
+        with _os_errors(f"task {ref.task!r}: cannot remove version {ref.version}"):
+            if self._names(ref):
+                return
+            (self._dir(ref.task) / self._file_name(ref)).unlink(missing_ok=True)
+        self._remove_if_unused(ref.task)
+
+    def _names(self, ref: VersionRef) -> bool:
+        """Whether the task's pointer names `ref` (an unreadable pointer counts as naming it: keep the file)."""
+        try:
+            return self.active(ref.task) == ref
+        except StoreError:
+            return True
+
+    def _remove_if_unused(self, task: str) -> None:
+        """Remove the task's directory if it is empty (a refused first upload must leave no trace). Another
+        process may have made it a moment ago for its own upload; rmdir only ever removes an empty one."""
+        d = self._dir(task)
+        if not d.is_symlink():
+            with suppress(OSError):  # not empty, gone already, or not ours to remove: all fine
+                d.rmdir()
 
     def check(self, repair: bool = False) -> CheckReport:
         """Verify every task's pointer and the hash of its active file; list (and with repair, remove) orphans.
@@ -177,13 +220,35 @@ class LocalStore(AdapterStore):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def delete(self, task: str) -> None:
-        d = self._dir(task)
-        if d.is_symlink() or not self._pointer(task).is_file():
-            raise UnknownTask(f"unknown task {task!r}")
-        self._pointer(task).unlink()
-        _fsync_dir(d)
-        self._bump_epoch()
-        shutil.rmtree(d, ignore_errors=True)
+        """Commit point: the task's directory renamed away (one atomic step) with its pointer removed inside.
+
+        If either step fails the directory is renamed back and StoreError says nothing changed; after it,
+        EPOCH and removing the renamed directory are best-effort (a leftover `.tmp-` entry is an orphan).
+        """
+        d, pointer = self._dir(task), self._pointer(task)
+        with _os_errors(f"cannot delete task {task!r}"):
+            if d.is_symlink() or not pointer.is_file():
+                raise UnknownTask(f"unknown task {task!r}")
+        gone = self.root / f".tmp-{uuid.uuid4().hex}-deleted-{task}"
+        with _os_errors(f"cannot delete task {task!r}"):
+            os.rename(d, gone)
+        try:
+            with _os_errors(f"cannot delete task {task!r}"):
+                (gone / ACTIVE).unlink()
+        except StoreError:
+            self._undo_rename(gone, d)
+            raise
+        what = f"task {task!r} is deleted"
+        _after_commit(what, lambda: _fsync_dir(self.root))
+        _after_commit(what, self._bump_epoch)
+        _after_commit(what, lambda: shutil.rmtree(gone))
+
+    @staticmethod
+    def _undo_rename(gone: Path, d: Path) -> None:
+        try:
+            os.rename(gone, d)
+        except OSError as e:  # the task is gone from the store after all; its pointer is an orphan in `gone`
+            log.error("store: could not restore %s after a failed delete (%s); it is deleted", d, e)
 
     def epoch(self) -> str:
         try:
@@ -239,9 +304,28 @@ def _atomic_write(path: Path, data: bytes, before_rename: Callable[[], None] = l
         before_rename()
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    _after_commit(f"{path} is written", lambda: _fsync_dir(path.parent))
+
+
+@contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    """An OSError (a full disk, a read-only or immutable directory, a permission) as a StoreError: 503, retry."""
+    try:
+        yield
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise StoreError(f"{what} ({e.strerror or e}{where})") from e
+
+
+def _after_commit(what: str, step: Callable[[], object]) -> None:
+    """A step after the commit point: the change stands whatever happens here, so a failure is logged, not raised."""
+    try:
+        step()
+    except (OSError, StoreError) as e:
+        log.warning("store: %s, but a follow-up step failed: %s", what, e)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -1,0 +1,100 @@
+"""What a slow or vanished client may hold: deadlines for the request head and body, on top of uvicorn's own.
+
+uvicorn times out idle keep-alive connections and caps concurrency (`timeout_keep_alive`,
+`limit_concurrency`, passed from Settings in `app.serve`), but it waits forever for a request head
+that trickles in and for a body that stalls. `HeadDeadline` closes a connection whose request head
+is not complete `header_timeout_s` after its first byte (or after the connection opened);
+`BodyDeadline` answers 408 `body_timeout` when no body bytes came for `body_timeout_s`, and 499
+`client_closed` when the client leaves mid-body (never a 5xx: nothing went wrong on our side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+BODY_TIMEOUT = 408
+# nginx's "client closed request": the client left before the answer; counted apart so it never looks like a 5xx.
+CLIENT_CLOSED = 499
+
+
+class BodyDeadline:
+    """ASGI middleware: each read of a request body waits at most `timeout_s`; a disconnect mid-body is 499.
+
+    Raised as HTTPExceptions, which FastAPI passes through its body parsing (other errors there become 400).
+    Once the body is complete, reads are left alone (Starlette waits on them for disconnects).
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def receive_in_time() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                detail = f"no request body bytes for {self.timeout_s:g} s"
+                raise HTTPException(BODY_TIMEOUT, detail, headers={"Connection": "close"}) from None
+            if message["type"] == "http.disconnect":
+                raise HTTPException(CLIENT_CLOSED, "the client closed the connection before sending the whole body")
+            complete = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+
+class HeadDeadline(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus: a request head must be complete `header_timeout_s` after the
+    connection opens, or after its first byte on a kept-alive connection (until then keep-alive's timer runs);
+    else the connection is closed."""
+
+    header_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        if self._head_timer is None:
+            self._arm()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection whose request head took over %g s", self.header_timeout_s)
+            self.transport.close()
+
+
+def head_deadline(header_timeout_s: float) -> type[HeadDeadline]:
+    """The protocol class uvicorn builds per connection, with this deadline (uvicorn passes no extra arguments)."""
+    return type("HeadDeadlineProtocol", (HeadDeadline,), {"header_timeout_s": header_timeout_s})
