@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import kronserve_client
 from kronserve.backbone import load_backbone
+from kronserve.cli import train_command
 from kronserve.engine import Engine
 from kronserve.errors import InvalidRequest, KronserveError
 from kronserve.formats.native import AdapterFile, load
@@ -31,7 +32,6 @@ from kronserve.train import (
     read_examples,
     run_epoch,
     train,
-    train_command,
     upload,
 )
 

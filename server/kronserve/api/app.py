@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
+from ..errors import KronserveError
 from ..metrics import Metrics
 from ..service import Service
 from .backend import Backend
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers while the backbone loads; /readyz waits for it.
         starting = asyncio.create_task(service.start())
+        starting.add_done_callback(lambda task: _on_started(app, task))
         try:
             yield
         finally:
@@ -54,6 +56,16 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
+
+
+def _on_started(app: FastAPI, task: asyncio.Task[None]) -> None:
+    """A start-up that failed can never become ready: tell whoever runs the app (`serve` sets `on_start_failure`),
+    so the process exits non-zero instead of answering /readyz 503 forever."""
+    if task.cancelled() or task.exception() is None:
+        return
+    stop = getattr(app.state, "on_start_failure", None)
+    if stop is not None:
+        stop()
 
 
 class RequestMetrics:
@@ -87,6 +99,13 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.admin_token is None:
+        log.warning(
+            "no admin token (KRONSERVE_ADMIN_TOKEN unset or empty): anyone who reaches %s:%d can upload and delete "
+            "adapters",
+            settings.host,
+            settings.port,
+        )
     app = create_app(settings)
     service: Service = app.state.backend
 
@@ -114,4 +133,8 @@ def serve(settings: Settings) -> None:
     )
     # uvicorn re-raises the signal it drained on; after a clean SIGTERM drain that must be a no-op (exit 0).
     signal.signal(signal.SIGTERM, lambda *_: None)
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    app.state.on_start_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if service.startup_error is not None:
+        raise KronserveError(f"start-up failed: {service.startup_error}")
