@@ -113,11 +113,9 @@ def _settings(given: dict[str, Any]) -> Settings:
 
 
 def serve(**given: Any) -> None:
-    """Start the HTTP service. Every option can also come from its KRONSERVE_* environment variable.
-
-    What can be known before listening is checked first (backbone, CUDA): a server that can never be ready must
-    not start; a start-up that fails later stops the server, non-zero (api.app.serve).
-    """
+    """Start the HTTP service. Every option can also come from its KRONSERVE_* environment variable."""
+    # What can be known before listening is checked first (backbone, CUDA): a server that can never be ready must
+    # not start. A start-up that fails later stops the server with a non-zero exit (api.app.serve).
     settings = _settings(given)
     if settings.backbone is not None:
         locate(settings.backbone)
