@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         lifespan=lifespan,
     )
     app.state.backend = service
+    service.metrics.queue_capacity.set(service.settings.queue_size)
     install_error_handlers(app)
     app.include_router(router)
 
