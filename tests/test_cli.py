@@ -173,3 +173,26 @@ def test_adapter_init_on_an_unreachable_hub_fails_fast_in_one_line(
 def test_debug_shows_the_traceback() -> None:
     r = console("kronserve", "--debug", "adapter", "init", "--backbone", "/no/such", "--task", "t", "x.safetensors")
     assert r.returncode == 1 and "Traceback" in r.stderr and "does not exist" in r.stderr
+
+
+def test_train_that_learns_nothing_is_not_uploaded(tiny_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    rows = [{"input": f"x{i}", "target": "yes" if i % 2 else "no"} for i in range(24)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["train", "--backbone", str(tiny_dir), "--data", str(data), "--task", "t", "--out", str(tmp_path / "t.st")]
+    args += ["--max-steps", "1", "--lr", "1e-9", "--eval-fraction", "0.25", "--device", "cpu"]
+    r = console("kronserve", *args, "--upload", "http://127.0.0.1:9")  # nothing listens: an upload would fail
+    assert r.returncode == 1 and "not uploaded (--force uploads it anyway)" in r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 1 and summary["epochs_run"] == 1 and summary["improved"] is False
+    assert len(summary["history"]) == 1 and (tmp_path / "t.st").is_file()
+    forced = console("kronserve", *args, "--upload", "http://127.0.0.1:9", "--force")
+    error = one_error_line_after_warning(forced)
+    assert forced.returncode == 2 and error.startswith("error: upload to http://127.0.0.1:9 failed (cannot reach")
+
+
+def one_error_line_after_warning(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()  # the progress bar's lines, the warning, the error
+    assert any(line.startswith("warning: ") for line in lines) and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: ")
+    return lines[-1]

@@ -96,6 +96,9 @@ class Unreachable(KronserveClientError):
     sent, so it is safe to retry), or the connection failed or timed out mid-request (`code` "timeout" or
     "transport_error": it may have been processed). The httpx error is the `__cause__`."""
 
+    def __str__(self) -> str:
+        return self.message
+
 
 class InvalidResponse(KronserveClientError):
     """A success status whose body does not have the documented shape: client and server disagree on the contract."""

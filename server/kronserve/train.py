@@ -506,12 +506,10 @@ def run_epoch(
 
 def upload(path: Path, task: str, url: str, token: str | None) -> int:
     """Push the file as TASK's next version; a failure says the trained file is safe, so nothing is retrained."""
-    import httpx
-
     import kronserve_client
 
     try:
         with kronserve_client.KronserveClient(url, token) as client:
             return client.upload(task, [path]).version
-    except (kronserve_client.KronserveClientError, httpx.HTTPError) as e:
+    except kronserve_client.KronserveClientError as e:
         raise KronserveError(f"upload to {url} failed ({e}); the trained adapter is saved at {path}") from e
