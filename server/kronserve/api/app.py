@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -44,10 +45,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 await starting
             await service.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc from Swagger UI and ReDoc files shipped in the wheel, not from a CDN, so the
+    # docs work on a machine without internet (assets under /static-offline-docs).
+    app = FastAPIOffline(
         title="kronserve",
         version=__version__,
-        description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch.",
+        description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch. "
+        'Every error is JSON `{"error": {"code", "message"}}`; PUT and DELETE need the admin token when the '
+        "server sets one (Authorize).",
         lifespan=lifespan,
     )
     app.state.backend = service
