@@ -550,6 +550,8 @@ def test_cli_predict(run_cli: Callable[..., Any]) -> None:
     assert json.loads(result.stdout) == {"task": "qa", "version": 1, "outputs": ["x", "y"]}
     assert made == [(cli.DEFAULT_URL, None)]
     assert json.loads(server.last.content) == {"task": "qa", "inputs": ["a", "b"], "max_new_tokens": 5, "num_beams": 2}
+    result, _ = run_cli(server, "predict", "qa", "a", "--min-new-tokens", "3")
+    assert result.exit_code == 0 and json.loads(server.last.content)["min_new_tokens"] == 3
     assert "authorization" not in server.last.headers
 
 
