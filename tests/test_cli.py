@@ -196,3 +196,12 @@ def one_error_line_after_warning(r: subprocess.CompletedProcess[str]) -> str:
     assert any(line.startswith("warning: ") for line in lines) and "Traceback" not in r.stderr, r.stderr
     assert lines[-1].startswith("error: ")
     return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [(["nosuch"], "No such command 'nosuch'"), (["upload", "t", "missing.safetensors"], "does not exist")],
+)
+def test_client_usage_errors_are_one_line(args: list[str], cause: str) -> None:
+    r = console("kronserve-client", *args)
+    assert r.returncode == 2 and cause in one_error_line(r)

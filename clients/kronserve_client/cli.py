@@ -17,7 +17,7 @@ import typer
 from .client import DEFAULT_URL, KronserveClient
 from .errors import KronserveClientError, Unreachable
 
-__all__ = ["DEFAULT_URL", "app", "make_client"]
+__all__ = ["DEFAULT_URL", "app", "make_client", "run"]
 
 app = typer.Typer(
     name="kronserve-client",
@@ -25,6 +25,21 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def run() -> None:
+    """Console entry: a usage error (unknown command, bad option) is one `error: ...` line too, exit status 2."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `kronserve-client` alone: the help is the answer
+            typer.echo(e.format_message() or None, nl=False)  # type: ignore[attr-defined]
+            raise SystemExit(0) from None
+        if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
+            raise  # click's usage errors (vendored by recent typer) are matched by shape
+        typer.echo(f"error: {e.format_message()} (see --help)", err=True)  # type: ignore[attr-defined]
+        raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def make_client(url: str, token: str | None, retries: int = 0) -> KronserveClient:
