@@ -60,6 +60,8 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="on an error, show its traceback")] = False,
 ) -> None:
     """kronserve: multi-task Compacter-family adapter serving on one frozen T5."""
+    # `--debug` is declared here for --help and parsing; main() reads it from argv, since it must also cover errors
+    # raised while the arguments are parsed.
 
 
 # ---- options generated from Settings -------------------------------------------------------------
