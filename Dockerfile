@@ -20,10 +20,18 @@ RUN if [ "$TORCH" = "cpu" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     else echo "TORCH must be cpu or cuda" >&2; exit 1; fi
 
-COPY pyproject.toml README.md ./
+# Dependencies from pyproject.toml alone, so a code change reuses this layer instead of reinstalling them.
+COPY pyproject.toml ./
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [e for e in sys.argv[1].split(',') if e]; \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" "${EXTRAS}" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+
+COPY README.md LICENSE ./
 COPY server ./server
 COPY clients ./clients
-RUN pip install ".${EXTRAS:+[$EXTRAS]}"
+RUN pip install --no-deps .
 
 RUN useradd --create-home --uid 1000 kronserve && mkdir -p /data && chown kronserve /data
 USER kronserve

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import kronserve_client
 from kronserve.backbone import load_backbone
+from kronserve.cli import train_command
 from kronserve.engine import Engine
 from kronserve.errors import InvalidRequest, KronserveError
 from kronserve.formats.native import AdapterFile, load
@@ -31,7 +32,6 @@ from kronserve.train import (
     read_examples,
     run_epoch,
     train,
-    train_command,
     upload,
 )
 
@@ -112,6 +112,26 @@ def test_only_the_adapter_trains(tiny_dir: Path) -> None:
     assert changed == set(before)  # every tensor of the file gets a gradient
 
 
+def test_summary_has_the_history_of_every_epoch_and_the_start(trained: TrainResult) -> None:
+    s = trained.summary()
+    assert [h["epoch"] for h in s["history"]] == list(range(1, s["epochs_run"] + 1))
+    assert s["history"][0]["train_loss"] == s["first_epoch_loss"]
+    assert s["history"][-1]["train_loss"] == s["final_train_loss"]
+    best = s["history"][s["best_epoch"] - 1]
+    assert (best["eval_accuracy"], best["eval_loss"]) == (s["best_eval_accuracy"], s["best_eval_loss"])
+    assert s["start_eval_accuracy"] < CHANCE < s["best_eval_accuracy"] and s["improved"] is True
+    assert s["start_eval_loss"] > best["eval_loss"] and s["steps"] == 15 * s["epochs_run"]  # 240 rows / 16
+
+
+def test_max_steps_stops_mid_epoch(tiny_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", majority_task(40))  # 36 train rows: 3 steps an epoch at batch 16
+    config = TrainConfig(epochs=5, max_steps=4, eval_fraction=0.1, device="cpu", progress=False)
+    result = train(str(tiny_dir), data, "t", tmp_path / "a.safetensors", config)
+    assert result.summary()["steps"] == 4 and result.summary()["epochs_run"] == 2
+    with pytest.raises(InvalidRequest, match="max steps must be at least 1"):
+        TrainConfig(max_steps=0).check()
+
+
 def test_early_stopping_and_no_held_out_split(tiny_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", majority_task(24))
     stuck = TrainConfig(epochs=6, lr=1e-9, patience=2, eval_fraction=0.25, device="cpu", progress=False)
@@ -121,6 +141,7 @@ def test_early_stopping_and_no_held_out_split(tiny_dir: Path, tmp_path: Path) ->
     blind = TrainConfig(epochs=2, eval_fraction=0.0, device="cpu", progress=False)
     result = train(str(tiny_dir), data, "t", tmp_path / "sub" / "b.safetensors", blind)
     assert result.summary()["best_eval_accuracy"] is None and result.best_epoch == 2 and not result.eval_examples
+    assert result.improved is None and result.summary()["start_eval_accuracy"] is None  # nothing to judge by
     assert load(tmp_path / "sub" / "b.safetensors").tensors.keys() == result.adapter.tensors.keys()
 
 
@@ -251,11 +272,18 @@ def test_command_trains_from_csv_writes_the_file_and_uploads_it(
     app = typer.Typer()
     app.command()(train_command)
     args = ["--backbone", str(tiny_dir), "--data", str(data), "--task", "maj", "--out", str(out), "--epochs", "2"]
-    result = CliRunner().invoke(app, [*args, "--upload", "http://kronserve.test", "--token", "tok"])
+    args += ["--upload", "http://kronserve.test", "--token", "tok"]
+    # Two epochs on 36 rows learn nothing the held-out rows show: warned, and not uploaded unless forced.
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and seen == [] and out.is_file()
+    assert json.loads(refused.stdout)["improved"] is False
+    assert "never rose above the untrained adapter's (0.000)" in refused.stderr and "not uploaded" in refused.stderr
+    result = CliRunner().invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
     summary, uploaded = (json.loads(line) for line in result.stdout.splitlines())
     assert summary["method"] == "compacter++" and summary["epochs_run"] == 2 and summary["eval_examples"] == 4
     assert set(summary) >= {"first_epoch_loss", "final_train_loss", "best_eval_accuracy", "params"}
+    assert "not uploaded" not in result.stderr and "never rose" in result.stderr
     assert uploaded == {"uploaded": "maj", "url": "http://kronserve.test", "version": 7}
     assert load(out).spec == preset("compacter++")
     (req,) = seen

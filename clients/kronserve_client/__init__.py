@@ -3,6 +3,7 @@
 from .client import AsyncKronserveClient, FileSpec, KronserveClient
 from .errors import (
     BadRequest,
+    Conflict,
     InvalidInput,
     InvalidResponse,
     KronserveClientError,
@@ -11,15 +12,18 @@ from .errors import (
     PayloadTooLarge,
     Unauthorized,
     UnexpectedStatus,
+    Unreachable,
     UnsupportedMediaType,
     error_from_response,
 )
-from .models import AdapterInfo, PredictResult, ScoreResult
+from .models import AdapterInfo, AdapterSpec, PredictResult, ScoreResult
 
 __all__ = [
     "AdapterInfo",
+    "AdapterSpec",
     "AsyncKronserveClient",
     "BadRequest",
+    "Conflict",
     "FileSpec",
     "InvalidInput",
     "InvalidResponse",
@@ -32,6 +36,7 @@ __all__ = [
     "ScoreResult",
     "Unauthorized",
     "UnexpectedStatus",
+    "Unreachable",
     "UnsupportedMediaType",
     "error_from_response",
 ]

@@ -6,19 +6,18 @@ call from its output without parsing it.
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
-from .client import KronserveClient
-from .errors import KronserveClientError
+from .client import DEFAULT_URL, KronserveClient
+from .errors import KronserveClientError, Unreachable
 
-__all__ = ["DEFAULT_URL", "app", "make_client"]
-
-DEFAULT_URL = "http://127.0.0.1:8000"
+__all__ = ["DEFAULT_URL", "app", "make_client", "run"]
 
 app = typer.Typer(
     name="kronserve-client",
@@ -28,15 +27,40 @@ app = typer.Typer(
 )
 
 
-def make_client(url: str, token: str | None) -> KronserveClient:
+def run() -> None:
+    """Console entry: a usage error (unknown command, bad option) is one `error: ...` line too, exit status 2."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `kronserve-client` alone: the help is the answer
+            typer.echo(e.format_message() or None, nl=False)  # type: ignore[attr-defined]
+            raise SystemExit(0) from None
+        if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
+            raise  # click's usage errors (vendored by recent typer) are matched by shape
+        typer.echo(f"error: {e.format_message()} (see --help)", err=True)  # type: ignore[attr-defined]
+        raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def make_client(url: str, token: str | None, retries: int = 0) -> KronserveClient:
     """The one place the CLI builds its client; tests replace it to put a mock transport underneath."""
-    return KronserveClient(url, token=token)
+    return KronserveClient(url, token=token or "", retries=retries)
 
 
 @dataclass(frozen=True, slots=True)
 class _Settings:
     url: str
     token: str | None
+    retries: int
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"kronserve-client {version('kronserve')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("kronserve-client (not installed)")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -49,23 +73,30 @@ def main(
             "--token", envvar="KRONSERVE_TOKEN", help="Admin bearer token (upload, delete).", show_default=False
         ),
     ] = None,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, help="Retry a shed (429/503) or unsent request, after Retry-After.")
+    ] = 0,
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    ctx.obj = _Settings(url=url, token=token or None)
+    ctx.obj = _Settings(url=url, token=token or None, retries=retries)
 
 
-def _call(ctx: typer.Context, action: Callable[[KronserveClient], Any]) -> None:
-    """Run one client call and print its JSON; every failure becomes one stderr line and exit status 1."""
+def _call(ctx: typer.Context, action: Callable[[KronserveClient], Any]) -> Any:
+    """Run one client call, print its JSON and return it; every failure becomes one stderr line and exit status 1."""
     settings: _Settings = ctx.obj
     try:
-        with make_client(settings.url, settings.token) as client:
+        with make_client(settings.url, settings.token, settings.retries) as client:
             result = action(client)
+    except Unreachable as exc:  # no reply at all: refused, timed out, bad URL
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
     except KronserveClientError as exc:
         typer.echo(f"error: {exc.status} {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
-    except httpx.HTTPError as exc:  # no reply at all: refused, timed out, bad URL
-        typer.echo(f"error: cannot reach {settings.url}: {exc or type(exc).__name__}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
 
 
 @app.command()
@@ -74,11 +105,15 @@ def predict(
     task: Annotated[str, typer.Argument(help="Task whose adapter generates.")],
     inputs: Annotated[list[str], typer.Argument(help="Input texts, one output each.")],
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="default: the server's")] = None,
+    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", min=0, help="no end of sequence before")] = 0,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1)] = 1,
 ) -> None:
     """Generate outputs for INPUTS with TASK's adapter."""
 
-    _call(ctx, lambda client: asdict(client.predict(task, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)))
+    def action(client: KronserveClient) -> dict[str, Any]:
+        return asdict(client.predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
+
+    _call(ctx, action)
 
 
 @app.command()
@@ -118,3 +153,49 @@ def delete(ctx: typer.Context, task: Annotated[str, typer.Argument(help="Task to
         return {"task": task, "deleted": True}
 
     _call(ctx, action)
+
+
+@app.command()
+def get(ctx: typer.Context, task: Annotated[str, typer.Argument(help="Task to describe.")]) -> None:
+    """Show TASK's active adapter: version, method, parameter count, sha256 and spec."""
+    _call(ctx, lambda client: client.get_adapter(task).to_json())
+
+
+@app.command()
+def health(ctx: typer.Context) -> None:
+    """Liveness and readiness as JSON; exit 1 unless the server is ready to serve."""
+
+    def action(client: KronserveClient) -> dict[str, bool]:
+        return {"live": client.healthz(), "ready": client.readyz()}
+
+    if not _call(ctx, action)["ready"]:  # a failure for the scripts that wait on this command
+        raise typer.Exit(1)
+
+
+@app.command("upload-dir")
+def upload_dir(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="Folder of adapter files.", exists=True, file_okay=False)],
+    pattern: Annotated[str, typer.Option("--pattern", help="Which files: one task each.")] = "*.safetensors",
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Uploads in flight at once.")] = 8,
+) -> None:
+    """Upload every file in DIRECTORY matching --pattern, each as the task named by its file name (sst2.safetensors:
+    task sst2). Prints one result per file; exit 1 if any upload failed (the others still land)."""
+    files = sorted(p for p in directory.glob(pattern) if p.is_file())
+    if not files:
+        typer.echo(f"error: no file in {directory} matches {pattern!r}", err=True)
+        raise typer.Exit(1)
+    settings: _Settings = ctx.obj
+
+    def one(client: KronserveClient, path: Path) -> dict[str, Any]:
+        task = path.stem
+        try:
+            return {"task": task, "file": str(path), "version": client.upload(task, [path]).version}
+        except KronserveClientError as exc:
+            return {"task": task, "file": str(path), "error": f"{exc.status} {exc.code}: {exc.message}"}
+
+    with make_client(settings.url, settings.token, settings.retries) as client, ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one(client, p), files))
+    typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
+    if any("error" in r for r in results):
+        raise typer.Exit(1)

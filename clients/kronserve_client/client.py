@@ -6,7 +6,10 @@ supplies the transport step, so the two cannot drift apart in what they send or 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +19,14 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import InvalidResponse, error_from_response
+from .errors import InvalidResponse, KronserveClientError, error_from_response, error_from_transport, is_retryable
 from .models import AdapterInfo, PredictResult, ScoreResult
 
-__all__ = ["DEFAULT_TIMEOUT", "AsyncKronserveClient", "FileSpec", "KronserveClient"]
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncKronserveClient", "FileSpec", "KronserveClient"]
 
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_URL = "http://127.0.0.1:8000"
+MAX_RETRY_WAIT = 30.0  # a longer Retry-After is cut to this: a client should not sleep for minutes unasked
 _USER_AGENT = "kronserve-client/0.1"
 
 FileSpec: TypeAlias = str | os.PathLike[str] | tuple[str, bytes]
@@ -132,35 +137,68 @@ def _metrics() -> _Call[str]:
     return _Call("GET", "/metrics", lambda r: r.text)
 
 
-def _client_options(base_url: str, token: str | None, timeout: float) -> dict[str, Any]:
+def _client_options(base_url: str | None, token: str | None, timeout: float) -> dict[str, Any]:
+    """`base_url` None: $KRONSERVE_URL, else the local default; `token` None: $KRONSERVE_TOKEN ("" sends none)."""
+    token = os.environ.get("KRONSERVE_TOKEN") if token is None else token
     headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    base_url = base_url or os.environ.get("KRONSERVE_URL") or DEFAULT_URL
     return {"base_url": base_url, "headers": headers, "timeout": httpx.Timeout(timeout)}
+
+
+def _retry_wait(error: KronserveClientError, attempt: int, retries: int) -> float | None:
+    """Seconds to wait before retry `attempt + 1`, or None to raise `error`: only a shed (429/503) or never-sent
+    request is retried, after the server's Retry-After when it gave one, else an exponential backoff with jitter."""
+    if attempt >= retries or not is_retryable(error):
+        return None
+    if error.retry_after is not None:
+        return min(error.retry_after, MAX_RETRY_WAIT)
+    return min(0.5 * 2**attempt, MAX_RETRY_WAIT) * random.uniform(0.5, 1.0)
 
 
 class KronserveClient:
     """Blocking client; one instance keeps a connection pool, so reuse it and close it (or use `with`).
 
-    `token` is sent as a bearer token on every request when given; the server needs it for upload and delete.
-    Non-success replies raise a `KronserveClientError` subclass; transport failures raise httpx's own errors.
+    `base_url` defaults to $KRONSERVE_URL (else http://127.0.0.1:8000) and `token` to $KRONSERVE_TOKEN; the token
+    is sent as a bearer token on every request; the server needs it for upload and delete. Every failure raises a
+    `KronserveClientError` subclass: a non-success reply by its status, no reply at all `Unreachable`.
+    `retries` (default 0: off) retries a request the server shed (429/503) or that never left this machine, after
+    the server's Retry-After (at most 30 s) or an exponential backoff.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None = None,
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        retries: int = 0,
     ) -> None:
         self._http = httpx.Client(transport=transport, **_client_options(base_url, token, timeout))
+        self.retries = retries
 
     @property
     def base_url(self) -> str:
         return str(self._http.base_url)
 
     def _run(self, call: _Call[T]) -> T:
-        return call.finish(self._http.request(call.method, call.path, json=call.json, files=call.files))
+        attempt = 0
+        while True:
+            try:
+                return call.finish(self._send(call))
+            except KronserveClientError as e:
+                wait = _retry_wait(e, attempt, self.retries)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+            attempt += 1
+
+    def _send(self, call: _Call[Any]) -> httpx.Response:
+        try:
+            return self._http.request(call.method, call.path, json=call.json, files=call.files)
+        except httpx.TransportError as e:
+            raise error_from_transport(e, self.base_url) from e
 
     def predict(
         self,
@@ -197,7 +235,7 @@ class KronserveClient:
         self._run(_delete_adapter(task))
 
     def healthz(self) -> bool:
-        """Liveness: False when the server answers 503; connection failures raise rather than read as False."""
+        """Liveness: False when the server answers 503; connection failures raise `Unreachable`, not False."""
         return self._run(_probe("/healthz"))
 
     def readyz(self) -> bool:
@@ -228,19 +266,36 @@ class AsyncKronserveClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None = None,
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        retries: int = 0,
     ) -> None:
         self._http = httpx.AsyncClient(transport=transport, **_client_options(base_url, token, timeout))
+        self.retries = retries
 
     @property
     def base_url(self) -> str:
         return str(self._http.base_url)
 
     async def _run(self, call: _Call[T]) -> T:
-        return call.finish(await self._http.request(call.method, call.path, json=call.json, files=call.files))
+        attempt = 0
+        while True:
+            try:
+                return call.finish(await self._send(call))
+            except KronserveClientError as e:
+                wait = _retry_wait(e, attempt, self.retries)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _send(self, call: _Call[Any]) -> httpx.Response:
+        try:
+            return await self._http.request(call.method, call.path, json=call.json, files=call.files)
+        except httpx.TransportError as e:
+            raise error_from_transport(e, self.base_url) from e
 
     async def predict(
         self,

@@ -14,6 +14,7 @@ import httpx
 
 __all__ = [
     "BadRequest",
+    "Conflict",
     "InvalidInput",
     "InvalidResponse",
     "KronserveClientError",
@@ -22,8 +23,10 @@ __all__ = [
     "PayloadTooLarge",
     "Unauthorized",
     "UnexpectedStatus",
+    "Unreachable",
     "UnsupportedMediaType",
     "error_from_response",
+    "error_from_transport",
     "parse_retry_after",
 ]
 
@@ -63,6 +66,11 @@ class NotFound(KronserveClientError):
     """404: no adapter is registered under that task (or the URL is not a kronserve endpoint)."""
 
 
+class Conflict(KronserveClientError):
+    """409 `store_conflict`: the store holds something at the task's place that the server will not touch, or (S3)
+    another gateway moved the task's pointer first; the latter is worth one retry."""
+
+
 class PayloadTooLarge(KronserveClientError):
     """413: the upload or batch exceeds the server's limits."""
 
@@ -83,6 +91,15 @@ class UnexpectedStatus(KronserveClientError):
     """Any status outside the documented set (e.g. a 500, or a 502 from a proxy in front of the server)."""
 
 
+class Unreachable(KronserveClientError):
+    """No reply at all (`status` 0): the server is down or unreachable (`code` "unreachable": the request was never
+    sent, so it is safe to retry), or the connection failed or timed out mid-request (`code` "timeout" or
+    "transport_error": it may have been processed). The httpx error is the `__cause__`."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class InvalidResponse(KronserveClientError):
     """A success status whose body does not have the documented shape: client and server disagree on the contract."""
 
@@ -91,6 +108,7 @@ _BY_STATUS: dict[int, type[KronserveClientError]] = {
     400: BadRequest,
     401: Unauthorized,
     404: NotFound,
+    409: Conflict,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: InvalidInput,
@@ -153,3 +171,19 @@ def error_from_response(response: httpx.Response) -> KronserveClientError:
     cls = _BY_STATUS.get(response.status_code, UnexpectedStatus)
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
     return cls(response.status_code, code, message, retry_after)
+
+
+def error_from_transport(exc: httpx.TransportError, url: str) -> Unreachable:
+    """The `Unreachable` an httpx transport failure stands for; `code` says whether the request left this machine."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        code = "unreachable"
+    elif isinstance(exc, httpx.TimeoutException):
+        code = "timeout"
+    else:
+        code = "transport_error"
+    return Unreachable(0, code, f"cannot reach {url}: {exc or type(exc).__name__}")
+
+
+def is_retryable(error: KronserveClientError) -> bool:
+    """Shed (429/503: nothing was done) or never sent: retrying cannot do anything twice."""
+    return isinstance(error, Overloaded) or (isinstance(error, Unreachable) and error.code == "unreachable")

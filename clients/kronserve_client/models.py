@@ -7,9 +7,29 @@ the client turns those into `InvalidResponse`, so callers see one error type for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
-__all__ = ["AdapterInfo", "PredictResult", "ScoreResult"]
+__all__ = ["AdapterInfo", "AdapterSpec", "PredictResult", "ScoreResult"]
+
+
+class AdapterSpec(TypedDict, total=False):
+    """An adapter's spec as the server reports it (`method` says which of the keys apply; see the README table)."""
+
+    method: Literal["compacter", "compacter++", "phm", "houlsby", "pfeiffer", "lora"]
+    leave_out: list[int]  # global layer indices: encoder 0..L-1, decoder L..
+    layer_norms: bool  # the task carries its own T5 RMSNorm weights
+    placement: Literal["houlsby", "pfeiffer", "parallel"]
+    sites: list[Literal["mh", "cross", "ffn"]]
+    reduction_factor: int
+    activation: Literal["gelu", "gelu_new", "relu", "swish"]
+    scaling: float
+    phm_dim: int  # PHM family
+    rank: int | None  # PHM family (None: dense W_i) and LoRA
+    shared_rule: bool
+    factorized_rule: bool
+    alpha: float  # LoRA
+    targets: list[str]
+    rslora: bool
 
 
 def _mapping(obj: Any) -> dict[str, Any]:
@@ -60,7 +80,7 @@ class ScoreResult:
         )
 
 
-_ADAPTER_KEYS = ("task", "version", "method", "params", "sha256")
+_ADAPTER_KEYS = ("task", "version", "method", "params", "sha256", "spec")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +96,7 @@ class AdapterInfo:
     params: int
     sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
+    spec: AdapterSpec | None = None  # None only from a server that does not report it
 
     @classmethod
     def from_json(cls, obj: Any) -> AdapterInfo:
@@ -87,6 +108,7 @@ class AdapterInfo:
             params=int(body["params"]),
             sha256=str(body["sha256"]),
             extra={k: v for k, v in body.items() if k not in _ADAPTER_KEYS},
+            spec=AdapterSpec(**_mapping(body["spec"])) if body.get("spec") is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -98,4 +120,5 @@ class AdapterInfo:
             "method": self.method,
             "params": self.params,
             "sha256": self.sha256,
+            **({"spec": self.spec} if self.spec is not None else {}),
         }

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, 
 from transformers import T5ForConditionalGeneration as T5
 
 from .errors import BackboneMismatch, KronserveError
+from .hub import hub_unreachable, locate
 from .methods.base import Geometry
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -157,11 +158,12 @@ def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> 
     if dtype not in DTYPES:
         raise KronserveError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
-    model = T5.from_pretrained(source, dtype=torch.float32)
+    local = locate(source)
+    model = T5.from_pretrained(source, dtype=torch.float32, local_files_only=local)
     fingerprint = fingerprint_of(model)
     model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     tokenizer.padding_side = "right"  # score() shifts right-padded labels into decoder inputs
     return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source)
 
@@ -189,23 +191,12 @@ def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 
 DEFAULT_HUB_ID = "google-t5/t5-small"
 
 
-def default_backbone(cache_dir: Path, probe_timeout_s: float = 2.0) -> str:
+def default_backbone(cache_dir: Path) -> str:
     """`t5-small` when it is cached or the hub answers; else an offline demo backbone built on the spot."""
-    import os
-    import socket
-    from urllib.parse import urlparse
+    from huggingface_hub import try_to_load_from_cache
 
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "config.json"), str):
+    if isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "config.json"), str) or hub_unreachable() is None:
         return DEFAULT_HUB_ID
-    if not os.environ.get("HF_HUB_OFFLINE"):
-        url = urlparse(constants.ENDPOINT)
-        try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=probe_timeout_s).close()
-            return DEFAULT_HUB_ID
-        except OSError:
-            pass
     demo = Path(cache_dir) / "demo-backbone-t5-small-seed0"
     if not (demo / "config.json").is_file():
         write_tiny_backbone(demo, "t5-small", seed=0)

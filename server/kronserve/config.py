@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9._+-]{0,63}$"
@@ -23,10 +23,10 @@ class Settings(BaseSettings):
         default=None, description="S3-compatible endpoint for an s3:// store (MinIO: http://host:9000); unset: AWS"
     )
     cache_dir: Path = Field(default=Path.home() / ".cache" / "kronserve", description="where the demo backbone goes")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    dtype: str = "float32"
+    host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="listen port")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when torch sees one")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="backbone weights")
 
     max_batch_rows: int = Field(
         default=64, ge=1, description="running decoder rows (beams count one each); rows of one score pass"
@@ -46,13 +46,15 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1, description="JSON body limit of predict and score requests (413 beyond)"
     )
     queue_size: int = Field(default=256, ge=1, description="queued requests before new ones get 503")
-    request_timeout_s: float = Field(default=60.0, gt=0)
-    max_inputs: int = Field(default=64, ge=1)
-    max_input_tokens: int = Field(default=512, ge=1)
-    max_new_tokens: int = Field(default=512, ge=1)
-    max_beams: int = Field(default=8, ge=1)
+    request_timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout (503 timeout)")
+    max_inputs: int = Field(default=64, ge=1, description="inputs per request")
+    max_input_tokens: int = Field(
+        default=512, ge=1, description="an input or target over this many tokens is refused (422), never truncated"
+    )
+    max_new_tokens: int = Field(default=512, ge=1, description="largest max_new_tokens a request may ask")
+    max_beams: int = Field(default=8, ge=1, description="largest num_beams a request may ask")
 
-    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="upload body limit (413 beyond)")
     keepalive_timeout_s: int = Field(default=5, ge=1, description="close a kept-alive connection idle this long")
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="close a connection whose request head is not complete this long"
@@ -67,7 +69,9 @@ class Settings(BaseSettings):
         default=True, description="read AdapterHub .bin uploads (torch weights-only loader); false: 415"
     )
     max_adapters: int = Field(default=4096, ge=1, description="bank slots, i.e. resident adapter versions")
-    admin_token: SecretStr | None = Field(default=None, description="when set, PUT/DELETE need it as Bearer")
+    admin_token: SecretStr | None = Field(
+        default=None, description="when set, PUT/DELETE need it as Bearer; empty or unset: no token (a warning)"
+    )
     metrics_max_tasks: int = Field(default=100, ge=0, description="tasks with their own metric label")
     redis_url: str | None = Field(
         default=None, description="Redis for change notices between processes sharing a store (redis://host:6379)"
@@ -83,7 +87,23 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(default=None, description="kronserve cluster: join this Ray cluster")
     probe_interval_s: float = Field(default=0.5, gt=0, description="kronserve cluster: gateway's replica probe period")
     probe_timeout_s: float = Field(default=2.0, gt=0, description="kronserve cluster: a probe slower than this is down")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
     fault_point: str | None = Field(
         default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"
     )
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        """`KRONSERVE_ADMIN_TOKEN=` (compose's `${VAR:-}`) means no token: a blank one would lock out every client,
+        since no client sends `Authorization: Bearer ` with nothing after it."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value

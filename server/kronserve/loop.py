@@ -385,5 +385,6 @@ class DecodeLoop:
     def _observe_pass(self, jobs: list[Job], started: float) -> None:
         for job in jobs:
             self.metrics.queue_wait.observe(started - job.admitted)
+        self.metrics.input_tokens.inc(sum(len(ids) for j in jobs for ids in j.inputs))
         self.metrics.batch_rows.observe(sum(len(j.inputs) for j in jobs))
         self.metrics.batch_tasks.observe(len({j.entry.task for j in jobs}))

@@ -7,11 +7,25 @@ server with thousands of tasks exports at most max_tasks + 1 task series per met
 
 from __future__ import annotations
 
+import platform
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
+
+from . import __version__
 
 OTHER_TASK = "__other__"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -19,10 +33,29 @@ _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+def _version_of(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
     def __init__(self, max_tasks: int = 100) -> None:
+        # `*_created` series double the series count and no dashboard reads them (prometheus_client's one switch).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds...
+        PlatformCollector(registry=r)  # python_info
+        Info("kronserve_build", "Versions this server runs", registry=r).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "torch": _version_of("torch"),
+                "transformers": _version_of("transformers"),
+            }
+        )
         self.requests = Counter(
             "kronserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
@@ -81,9 +114,6 @@ class Metrics:
         self.inter_token = Histogram(
             "kronserve_inter_token_seconds", "Time between a running request's tokens", buckets=_LATENCY, registry=r
         )
-        self.generated_tokens = Counter(
-            "kronserve_generated_tokens", "Tokens generated (beams: the answer's)", registry=r
-        )
         self.cancelled = Counter(
             "kronserve_cancelled_requests",
             "Requests dropped by the engine because their caller gave up",
@@ -91,6 +121,17 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("kronserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.queue_capacity = Gauge(
+            "kronserve_queue_capacity", "Queued requests beyond which new ones get 503 (queue_size)", registry=r
+        )
+        self.generated_tokens = Counter(
+            "kronserve_generated_tokens",
+            "Tokens generated for predict outputs (EOS included; beams: the answer's)",
+            registry=r,
+        )
+        self.input_tokens = Counter(
+            "kronserve_input_tokens", "Input tokens of admitted predict and score requests", registry=r
+        )
         self.adapters_active = Gauge("kronserve_adapters_active", "Tasks with an active version", registry=r)
         self.adapters_unavailable = Gauge(
             "kronserve_adapters_unavailable",

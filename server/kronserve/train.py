@@ -16,13 +16,12 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,7 +29,7 @@ from .backbone import Backbone, load_backbone
 from .errors import InvalidRequest, KronserveError
 from .formats.native import AdapterFile, save
 from .kernels import ACTIVATIONS
-from .methods import METHODS, AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
+from .methods import AdapterSpec, Geometry, LoraSpec, MethodSpec, init_tensors, preset
 from .store import check_task_id
 from .t5_sites import SiteRouter, base_norms, install_sites
 
@@ -285,6 +284,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    max_steps: int | None = None  # optimizer steps over all epochs; None: as many as the epochs take
 
     def check(self) -> None:
         """Refuse nonsense before the backbone is loaded: a bad option should cost nothing."""
@@ -295,6 +295,7 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
             (self.max_new_tokens is None or self.max_new_tokens >= 1, "max new tokens must be at least 1"),
+            (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, got {self.max_steps}"),
         ]
         for ok, message in rules:
             if not ok:
@@ -328,6 +329,7 @@ class Best:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
     last_gain: int = 0  # last epoch the accuracy strictly rose: early stopping counts from here
+    start: Evaluation | None = None  # the untrained adapter's held-out numbers: what training must beat
 
     def offer(self, epoch: int, ev: Evaluation, plan: TrainablePlan) -> None:
         if ev.accuracy > self.accuracy:
@@ -349,6 +351,16 @@ class TrainResult:
     max_new_tokens: int
     params: int
     seconds: float
+    start: Evaluation | None = None
+    steps: int = 0
+
+    @property
+    def improved(self) -> bool | None:
+        """Did the kept epoch's held-out accuracy rise above the untrained adapter's? None without a held-out set."""
+        best = next((h for h in self.history if h.epoch == self.best_epoch), None)
+        if self.start is None or best is None or best.eval_accuracy is None:
+            return None
+        return best.eval_accuracy > self.start.accuracy
 
     def summary(self) -> dict[str, object]:
         best = next((h for h in self.history if h.epoch == self.best_epoch), None)
@@ -366,6 +378,11 @@ class TrainResult:
             "epochs_run": len(self.history),
             "eval_examples": len(self.eval_examples),
             "seconds": round(self.seconds, 2),
+            "start_eval_accuracy": self.start.accuracy if self.start else None,
+            "start_eval_loss": self.start.loss if self.start else None,
+            "improved": self.improved,
+            "steps": self.steps,
+            "history": [asdict(h) for h in self.history],
         }
 
 
@@ -384,7 +401,7 @@ def train(
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
     session = open_session(backbone, spec, cfg)
     max_new = cfg.max_new_tokens or longest_target(session, examples)
-    history, best = fit(session, train_set, eval_set, max_new, cfg)
+    history, best, steps = fit(session, train_set, eval_set, max_new, cfg)
     fp = session.backbone.fingerprint
     adapter = AdapterFile(task, spec, fp, best.tensors)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +418,8 @@ def train(
         max_new,
         params,
         time.perf_counter() - started,
+        best.start,
+        steps,
     )
 
 
@@ -423,8 +442,9 @@ def longest_target(session: Session, examples: Sequence[Example]) -> int:
 
 def fit(
     session: Session, train_set: list[Example], eval_set: list[Example], max_new_tokens: int, cfg: TrainConfig
-) -> tuple[list[EpochStats], Best]:
-    """Epochs until `epochs` or until `patience` epochs pass without a better held-out accuracy.
+) -> tuple[list[EpochStats], Best, int]:
+    """Epochs until `epochs`, `max_steps` optimizer steps, or `patience` epochs without a better held-out accuracy;
+    returns the history, the epoch to keep (with the untrained adapter's held-out numbers) and the steps taken.
 
     The backbone stays in eval mode: it is frozen, and its dropout would only add noise to what the
     adapter is fitted to. No weight decay: it would pull per-task norm weights towards 0, not towards
@@ -433,22 +453,27 @@ def fit(
     optimizer = torch.optim.AdamW(session.plan.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
     steps = math.ceil(len(train_set) / cfg.batch_size)
+    budget = min(cfg.epochs * steps, cfg.max_steps or cfg.epochs * steps)
     history: list[EpochStats] = []
-    best = Best()
-    with tqdm(total=cfg.epochs * steps, desc="train", unit="step", disable=not cfg.progress) as bar:
+    best = Best(start=evaluate(session, eval_set, cfg.batch_size, max_new_tokens) if eval_set else None)
+    done = 0
+    with tqdm(total=budget, desc="train", unit="step", disable=not cfg.progress) as bar:
         for epoch in range(1, cfg.epochs + 1):
-            loss = run_epoch(session, optimizer, rng.sample(train_set, len(train_set)), cfg.batch_size, bar)
+            order = rng.sample(train_set, len(train_set))[: (budget - done) * cfg.batch_size]
+            loss = run_epoch(session, optimizer, order, cfg.batch_size, bar)
+            done += math.ceil(len(order) / cfg.batch_size)
             ev = evaluate(session, eval_set, cfg.batch_size, max_new_tokens) if eval_set else None
             history.append(EpochStats(epoch, loss, ev.loss if ev else None, ev.accuracy if ev else None))
-            if ev is None:
-                continue
-            best.offer(epoch, ev, session.plan)
-            bar.set_description(f"train (epoch {epoch}: eval acc {ev.accuracy:.3f}, best {best.accuracy:.3f})")
-            if epoch - best.last_gain >= cfg.patience:
+            if ev is not None:
+                best.offer(epoch, ev, session.plan)
+                bar.set_description(f"train (epoch {epoch}: eval acc {ev.accuracy:.3f}, best {best.accuracy:.3f})")
+                if epoch - best.last_gain >= cfg.patience:
+                    break
+            if done >= budget:
                 break
     if not eval_set:  # nothing to choose by: keep the last epoch
         best.epoch, best.tensors = history[-1].epoch, session.plan.snapshot()
-    return history, best
+    return history, best, done
 
 
 def run_epoch(
@@ -481,47 +506,10 @@ def run_epoch(
 
 def upload(path: Path, task: str, url: str, token: str | None) -> int:
     """Push the file as TASK's next version; a failure says the trained file is safe, so nothing is retrained."""
-    import httpx
-
     import kronserve_client
 
     try:
         with kronserve_client.KronserveClient(url, token) as client:
             return client.upload(task, [path]).version
-    except (kronserve_client.KronserveClientError, httpx.HTTPError) as e:
+    except kronserve_client.KronserveClientError as e:
         raise KronserveError(f"upload to {url} failed ({e}); the trained adapter is saved at {path}") from e
-
-
-def train_command(
-    backbone: Annotated[str, typer.Option(help="hub id or directory of the frozen T5")],
-    data: Annotated[
-        Path, typer.Option(help='.jsonl of {"input", "target"} objects, or .csv with columns input,target')
-    ],
-    task: Annotated[str, typer.Option(help="task id the adapter serves")],
-    out: Annotated[Path, typer.Option(help="where to write the native .safetensors adapter")],
-    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "compacter++",
-    reduction_factor: Annotated[int | None, typer.Option(help="d_model / bottleneck size")] = None,
-    phm_dim: Annotated[int | None, typer.Option(help="PHM methods: number of Kronecker summands")] = None,
-    rank: Annotated[int | None, typer.Option(help="rank of Compacter's W_i factors, or LoRA's rank")] = None,
-    layer_norms: Annotated[bool, typer.Option(help="train per-task T5 layer norms too")] = False,
-    epochs: int = 10,
-    batch_size: int = 16,
-    lr: float = 3e-3,
-    eval_fraction: Annotated[float, typer.Option(help="share of the data held out for early stopping")] = 0.1,
-    patience: Annotated[int, typer.Option(help="epochs without a better eval accuracy before stopping")] = 3,
-    max_new_tokens: Annotated[int | None, typer.Option(help="eval generation length [longest target]")] = None,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    upload_url: Annotated[str | None, typer.Option("--upload", help="server URL to upload the result to")] = None,
-    token: Annotated[str | None, typer.Option(envvar="KRONSERVE_TOKEN", help="admin token for --upload")] = None,
-) -> None:
-    """Train an adapter for TASK on DATA with the backbone frozen; print a JSON summary (and upload it)."""
-    config = TrainConfig(
-        method, reduction_factor, phm_dim, rank, layer_norms, epochs, batch_size, lr, eval_fraction, patience,
-        max_new_tokens, seed, device,
-    )  # fmt: skip
-    result = train(backbone, data, task, out, config)
-    typer.echo(json.dumps(result.summary()))
-    if upload_url:
-        version = upload(result.path, task, upload_url, token)
-        typer.echo(json.dumps({"uploaded": task, "url": upload_url, "version": version}))

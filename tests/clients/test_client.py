@@ -9,6 +9,8 @@ import email.utils
 import json
 import pickle
 import time
+import tomllib
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from kronserve_client import (
     AdapterInfo,
     AsyncKronserveClient,
     BadRequest,
+    Conflict,
     InvalidInput,
     InvalidResponse,
     KronserveClient,
@@ -33,6 +36,7 @@ from kronserve_client import (
     ScoreResult,
     Unauthorized,
     UnexpectedStatus,
+    Unreachable,
     UnsupportedMediaType,
     cli,
 )
@@ -245,7 +249,7 @@ def test_context_manager_closes_the_connection_pool() -> None:
         (503, Overloaded, {"Retry-After": "0.5"}, 0.5),
         (503, Overloaded, None, None),
         (500, UnexpectedStatus, None, None),
-        (409, UnexpectedStatus, None, None),
+        (409, Conflict, None, None),
     ],
 )
 def test_each_status_maps_to_its_exception(
@@ -328,12 +332,117 @@ def test_errors_pickle_with_their_fields() -> None:
     assert (back.status, back.code, back.message, back.retry_after) == (503, "overloaded", "queue full", 1.5)
 
 
-def test_transport_errors_are_httpx_errors() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(httpx.ConnectError("refused"), "unreachable"), (httpx.ReadTimeout("slow"), "timeout")],
+)
+def test_no_reply_is_a_client_error_with_its_cause(error: httpx.TransportError, code: str) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error
 
-    with Server(refuse).client() as client, pytest.raises(httpx.ConnectError):
+    server = Server(fail)
+    with server.client() as client, pytest.raises(Unreachable) as info:
         client.healthz()
+    assert isinstance(info.value, KronserveClientError) and info.value.__cause__ is error
+    assert (info.value.status, info.value.code) == (0, code)
+    assert info.value.message == f"cannot reach {BASE}: {error}"
+
+
+def flaky(failures: list[httpx.Response | Exception]) -> Server:
+    """Answers each of `failures` in turn, then 200 with a predict reply."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if failures:
+            failure = failures.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return httpx.Response(200, json={"task": "qa", "version": 1, "outputs": ["x"]})
+
+    return Server(handle)
+
+
+def shed(retry_after: str | None) -> httpx.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    return httpx.Response(503, json={"error": {"code": "overloaded", "message": "full"}}, headers=headers)
+
+
+def test_retries_are_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = flaky([shed("1")])
+    with server.client() as client, pytest.raises(Overloaded):
+        client.predict("qa", ["a"])
+    assert len(server.requests) == 1
+
+
+def test_retries_wait_as_retry_after_says_then_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(kronserve_client.client.time, "sleep", waits.append)
+    too_long = httpx.Response(429, headers={"Retry-After": "600"})
+    server = flaky([shed("2"), too_long, httpx.ConnectError("down"), shed(None)])
+    with KronserveClient(BASE, transport=server.transport, retries=4) as client:
+        assert client.predict("qa", ["a"]).outputs == ["x"]
+    assert len(server.requests) == 5
+    assert waits[:2] == [2.0, 30.0]  # the server's hint, capped at 30 s
+    assert 1.0 <= waits[2] <= 2.0 and 2.0 <= waits[3] <= 4.0  # no hint: 0.5 s · 2^attempt, jittered down to half
+
+
+def test_retries_give_up_and_never_resend_what_may_have_landed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kronserve_client.client.time, "sleep", lambda _: None)
+    server = flaky([shed("0"), shed("0"), shed("0")])
+    with KronserveClient(BASE, transport=server.transport, retries=2) as client, pytest.raises(Overloaded):
+        client.predict("qa", ["a"])
+    assert len(server.requests) == 3
+    for failure in (httpx.ReadTimeout("slow"), httpx.Response(422, json={})):
+        server = flaky([failure])
+        client = KronserveClient(BASE, transport=server.transport, retries=5)
+        with client, pytest.raises(KronserveClientError):
+            client.predict("qa", ["a"])
+        assert len(server.requests) == 1
+
+
+def test_async_client_retries_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(kronserve_client.client.asyncio, "sleep", sleep)
+    server = flaky([shed("3")])
+
+    async def run() -> PredictResult:
+        async with AsyncKronserveClient(BASE, transport=server.transport, retries=1) as client:
+            return await client.predict("qa", ["a"])
+
+    assert asyncio.run(run()).outputs == ["x"] and waits == [3.0]
+
+
+def test_url_and_token_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KRONSERVE_URL", "http://from-env:9")
+    monkeypatch.setenv("KRONSERVE_TOKEN", "envtok")
+    server = reply(200, [])
+    with KronserveClient(transport=server.transport) as client:
+        client.list_adapters()
+    assert server.last.url == httpx.URL("http://from-env:9/v1/adapters")
+    assert server.last.headers["authorization"] == "Bearer envtok"
+    with KronserveClient("http://given:1", token="", transport=server.transport) as client:
+        client.list_adapters()  # an explicit URL wins; "" sends no token
+    assert server.last.url.host == "given" and "authorization" not in server.last.headers
+
+
+def test_adapter_spec_is_typed_and_round_trips() -> None:
+    spec = {"method": "compacter", "placement": "houlsby", "sites": ["mh", "ffn"], "rank": 1, "phm_dim": 4}
+    info = AdapterInfo.from_json({**ADAPTER, "spec": spec})
+    assert info.spec == spec and "spec" not in info.extra
+    assert info.to_json() == {**ADAPTER, "spec": spec}
+    assert AdapterInfo.from_json(ADAPTER).spec is None
+    hints = typing.get_type_hints(kronserve_client.AdapterSpec)
+    assert hints["rank"] == int | None and hints["sites"] == list[typing.Literal["mh", "cross", "ffn"]]
+
+
+def test_package_is_marked_typed() -> None:
+    assert (Path(kronserve_client.__file__).parent / "py.typed").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["kronserve_client"]
 
 
 def test_public_names_are_exported() -> None:
@@ -423,9 +532,9 @@ def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[Any, list[tu
     def run(server: Server, *args: str, env: dict[str, str] | None = None) -> tuple[Any, list[tuple[str, str | None]]]:
         made: list[tuple[str, str | None]] = []
 
-        def factory(url: str, token: str | None) -> KronserveClient:
+        def factory(url: str, token: str | None, retries: int = 0) -> KronserveClient:
             made.append((url, token))
-            return KronserveClient(url, token=token, transport=server.transport)
+            return KronserveClient(url, token=token or "", transport=server.transport, retries=retries)
 
         monkeypatch.setattr(cli, "make_client", factory)
         environment = {"KRONSERVE_URL": None, "KRONSERVE_TOKEN": None, **(env or {})}
@@ -441,6 +550,8 @@ def test_cli_predict(run_cli: Callable[..., Any]) -> None:
     assert json.loads(result.stdout) == {"task": "qa", "version": 1, "outputs": ["x", "y"]}
     assert made == [(cli.DEFAULT_URL, None)]
     assert json.loads(server.last.content) == {"task": "qa", "inputs": ["a", "b"], "max_new_tokens": 5, "num_beams": 2}
+    result, _ = run_cli(server, "predict", "qa", "a", "--min-new-tokens", "3")
+    assert result.exit_code == 0 and json.loads(server.last.content)["min_new_tokens"] == 3
     assert "authorization" not in server.last.headers
 
 

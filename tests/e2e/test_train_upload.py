@@ -20,7 +20,8 @@ def test_kronserve_train_upload_then_predict_over_http(server: Server, tiny_dir:
     out = tmp_path / "majority.safetensors"
     cmd = [sys.executable, "-c", "from kronserve.cli import main; main()", "train", "--backbone", str(tiny_dir)]
     cmd += ["--data", str(data), "--task", "majority", "--out", str(out), "--method", "pfeiffer", "--epochs", "3"]
-    cmd += ["--eval-fraction", "0.25", "--device", "cpu", "--upload", server.url]
+    # --force: 3 quick epochs need not beat the untrained adapter's held-out accuracy; the upload path is the point.
+    cmd += ["--eval-fraction", "0.25", "--device", "cpu", "--upload", server.url, "--force"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     summary, uploaded = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])

@@ -12,10 +12,12 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
+from ..errors import KronserveError
 from ..metrics import Metrics
 from ..service import Service
 from .backend import Backend
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers while the backbone loads; /readyz waits for it.
         starting = asyncio.create_task(service.start())
+        starting.add_done_callback(lambda task: _on_started(app, task))
         try:
             yield
         finally:
@@ -44,13 +47,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 await starting
             await service.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc from Swagger UI and ReDoc files shipped in the wheel, not from a CDN, so the
+    # docs work on a machine without internet (assets under /static-offline-docs).
+    app = FastAPIOffline(
         title="kronserve",
         version=__version__,
-        description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch.",
+        description="Thousands of Compacter-family adapters on one frozen T5, mixed per row in every batch. "
+        'Every error is JSON `{"error": {"code", "message"}}`; PUT and DELETE need the admin token when the '
+        "server sets one (Authorize).",
         lifespan=lifespan,
     )
     app.state.backend = service
+    service.metrics.queue_capacity.set(service.settings.queue_size)
     install_error_handlers(app)
     app.include_router(router)
 
@@ -102,6 +110,16 @@ class JsonBodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def _on_started(app: FastAPI, task: asyncio.Task[None]) -> None:
+    """A start-up that failed can never become ready: tell whoever runs the app (`serve` sets `on_start_failure`),
+    so the process exits non-zero instead of answering /readyz 503 forever."""
+    if task.cancelled() or task.exception() is None:
+        return
+    stop = getattr(app.state, "on_start_failure", None)
+    if stop is not None:
+        stop()
+
+
 class RequestMetrics:
     """Requests by endpoint and status, and latency: a plain ASGI middleware (cheaper than BaseHTTPMiddleware)."""
 
@@ -133,6 +151,13 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.admin_token is None:
+        log.warning(
+            "no admin token (KRONSERVE_ADMIN_TOKEN unset or empty): anyone who reaches %s:%d can upload and delete "
+            "adapters",
+            settings.host,
+            settings.port,
+        )
     app = create_app(settings)
     service: Service = app.state.backend
 
@@ -163,4 +188,8 @@ def serve(settings: Settings) -> None:
     )
     # uvicorn re-raises the signal it drained on; after a clean SIGTERM drain that must be a no-op (exit 0).
     signal.signal(signal.SIGTERM, lambda *_: None)
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    app.state.on_start_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if service.startup_error is not None:
+        raise KronserveError(f"start-up failed: {service.startup_error}")

@@ -7,8 +7,9 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response, Security
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -18,9 +19,28 @@ from ..messages import GenerationParams, Result
 from .backend import Backend
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 422, 503)}
-_ADMIN_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 422, 503)}
-TaskPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="task id")]
+# When each documented refusal happens; every operation lists the ones it can give, and only those.
+_WHEN = {
+    400: "malformed_json: the body is not JSON; bad_request: no `file` part, or not multipart",
+    401: "unauthorized: an admin token is set and the request lacks it (Authorization: Bearer <token>)",
+    404: "unknown_task: no adapter for the task (never a silent bare-backbone answer); not_found: no such route",
+    409: "store_conflict: the store holds something at the task's place it will not touch; S3: retry",
+    413: "payload_too_large: the body is over max_upload_bytes",
+    415: "unsupported_format: the file is not an adapter format (a pickle, a zip, text...)",
+    422: "validation_error / invalid_request: schema or limits; invalid_adapter, invalid_spec, backbone_mismatch",
+    503: "overloaded, not_ready, timeout, bank_full, store_error, replica_unavailable: retry after Retry-After",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
+    return {s: {"model": ErrorResponse, "description": _WHEN[s]} for s in statuses}
+
+
+TaskPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="task id", examples=["sst2"])]
+# The admin token, as a security scheme: /docs gets an Authorize button. Checked by require_admin (constant time).
+admin_bearer = HTTPBearer(
+    auto_error=False, scheme_name="adminToken", description="KRONSERVE_ADMIN_TOKEN, when the server sets one"
+)
 
 router = APIRouter()
 
@@ -33,18 +53,19 @@ BackendDep = Annotated[Backend, Depends(get_backend)]
 REPLICA_HEADER = "x-kronserve-replica"
 
 
-def require_admin(request: Request, backend: BackendDep) -> None:
+def require_admin(
+    backend: BackendDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(admin_bearer)]
+) -> None:
     """With an admin token configured, PUT and DELETE need `Authorization: Bearer <token>` (constant-time)."""
     token = backend.settings.admin_token
     if token is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    given = credentials.credentials.strip().encode() if credentials is not None else b""
+    if credentials is None or not hmac.compare_digest(given, token.get_secret_value().encode()):
         raise Unauthorized("missing or wrong admin token (Authorization: Bearer …)")
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
+@router.post("/v1/predict", response_model=PredictResponse, responses=_errors(400, 404, 413, 422, 503))
 async def predict(body: PredictRequest, backend: BackendDep, request: Request, response: Response) -> PredictResponse:
     limits = backend.settings
     _check_limits(backend, body.inputs)
@@ -67,7 +88,7 @@ async def predict(body: PredictRequest, backend: BackendDep, request: Request, r
     return PredictResponse(task=result.task, version=result.version, outputs=result.values)
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+@router.post("/v1/score", response_model=ScoreResponse, responses=_errors(400, 404, 413, 422, 503))
 async def score(body: ScoreRequest, backend: BackendDep, request: Request, response: Response) -> ScoreResponse:
     _check_limits(backend, body.inputs)
     if len(body.targets) != len(body.inputs):
@@ -81,7 +102,7 @@ async def score(body: ScoreRequest, backend: BackendDep, request: Request, respo
     "/v1/adapters/{task}",
     status_code=201,
     response_model=AdapterInfo,
-    responses=_ADMIN_ERRORS,
+    responses=_errors(400, 401, 404, 409, 413, 415, 422, 503),
     dependencies=[Depends(require_admin)],
     openapi_extra={
         "requestBody": {
@@ -106,17 +127,22 @@ async def upload_adapter(task: TaskPath, request: Request, backend: BackendDep, 
     return _info(await backend.upload(task, parts), response)
 
 
-@router.get("/v1/adapters", response_model=list[AdapterInfo])
+@router.get("/v1/adapters", response_model=list[AdapterInfo], responses=_errors(503))
 async def list_adapters(backend: BackendDep) -> list[AdapterInfo]:
     return [_info(info) for info in await backend.adapters()]
 
 
-@router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_ERRORS)
+@router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_errors(404, 422, 503))
 async def get_adapter(task: TaskPath, backend: BackendDep, response: Response) -> AdapterInfo:
     return _info(await backend.adapter(task), response)
 
 
-@router.delete("/v1/adapters/{task}", status_code=204, responses=_ADMIN_ERRORS, dependencies=[Depends(require_admin)])
+@router.delete(
+    "/v1/adapters/{task}",
+    status_code=204,
+    responses=_errors(401, 404, 409, 422, 503),
+    dependencies=[Depends(require_admin)],
+)
 async def delete_adapter(task: TaskPath, backend: BackendDep) -> Response:
     await backend.delete(task)
     return Response(status_code=204)
@@ -127,7 +153,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+@router.get("/readyz", responses=_errors(503))
 async def readyz(backend: BackendDep) -> JSONResponse:
     return JSONResponse(backend.readiness())
 

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..config import TASK_ID_PATTERN
 
-TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+TaskId = Annotated[
+    str, StringConstraints(pattern=TASK_ID_PATTERN), Field(description="task id: the adapter that answers")
+]
+# Every `error.code` the API answers with (README, "Every error is JSON"); tests/api/test_openapi.py checks that the
+# error hierarchy has no code missing here.
+ErrorCode = Literal[
+    "malformed_json",
+    "bad_request",
+    "unauthorized",
+    "unknown_task",
+    "not_found",
+    "method_not_allowed",
+    "store_conflict",
+    "payload_too_large",
+    "unsupported_format",
+    "validation_error",
+    "invalid_request",
+    "invalid_adapter",
+    "invalid_spec",
+    "backbone_mismatch",
+    "overloaded",
+    "not_ready",
+    "timeout",
+    "bank_full",
+    "store_error",
+    "replica_unavailable",
+    "body_timeout",
+    "client_closed",
+    "internal",
+]
 
 
 class _Strict(BaseModel):
@@ -16,11 +45,22 @@ class _Strict(BaseModel):
 
 
 class PredictRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"task": "demo", "inputs": ["translate English to German: Hello, world"]},
+                {"task": "sst2", "inputs": ["sst2 sentence: a great film"], "max_new_tokens": 4, "num_beams": 2},
+            ]
+        }
+    )
+
     task: TaskId
-    inputs: list[str] = Field(min_length=1, max_length=64)
+    inputs: list[str] = Field(
+        min_length=1, max_length=64, description="texts, one output each (at most the server's max_inputs)"
+    )
     max_new_tokens: int = Field(default=32, ge=1, description="unset: 32, or the server's limit if lower")
     min_new_tokens: int = Field(default=0, ge=0, description="suppress end-of-sequence before this many tokens")
-    num_beams: int = Field(default=1, ge=1)
+    num_beams: int = Field(default=1, ge=1, description="beam search width; 1: greedy (at most the server's max_beams)")
     temperature: float = Field(default=0.0, ge=0, le=100, description="0: greedy (or beam search); above 0: sampling")
     top_p: float = Field(default=1.0, gt=0, le=1, description="sampling: keep the smallest set of ids with this mass")
     top_k: int = Field(default=0, ge=0, description="sampling: keep the k most likely ids (0: all)")
@@ -33,35 +73,49 @@ class PredictRequest(_Strict):
 
 
 class PredictResponse(BaseModel):
-    task: str
-    version: int
-    outputs: list[str]
+    task: str = Field(description="the task asked")
+    version: int = Field(description="the adapter version that produced every output")
+    outputs: list[str] = Field(description="outputs[i] answers inputs[i]")
 
 
 class ScoreRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "sst2",
+                    "inputs": ["sst2 sentence: a great film", "sst2 sentence: a great film"],
+                    "targets": ["positive", "negative"],
+                }
+            ]
+        }
+    )
+
     task: TaskId
-    inputs: list[str] = Field(min_length=1, max_length=64)
-    targets: list[str] = Field(min_length=1, max_length=64)
+    inputs: list[str] = Field(min_length=1, max_length=64, description="texts the targets are conditioned on")
+    targets: list[str] = Field(min_length=1, max_length=64, description="one per input, paired by position")
 
 
 class ScoreResponse(BaseModel):
-    task: str
-    version: int
-    scores: list[float]
+    task: str = Field(description="the task asked")
+    version: int = Field(description="the adapter version that scored every pair")
+    scores: list[float] = Field(
+        description="sum of natural-log probabilities of each target's tokens, end-of-sequence included"
+    )
 
 
 class AdapterInfo(BaseModel):
-    task: str
-    version: int
-    method: str
-    params: int
-    sha256: str
-    spec: dict[str, Any]
+    task: str = Field(description="task id")
+    version: int = Field(description="counts up from 1 per task; a task deleted and made anew starts at 1 again")
+    method: str = Field(description="compacter, compacter++, phm, houlsby, pfeiffer or lora")
+    params: int = Field(description="trainable parameters of the adapter")
+    sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")
+    spec: dict[str, Any] = Field(description="the adapter's full spec (method options, see the README)")
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: ErrorCode = Field(description="stable machine-readable name of the error")
+    message: str = Field(description="what is wrong, for a person")
 
 
 class ErrorResponse(BaseModel):
