@@ -165,8 +165,13 @@ async def measure(url: str, blobs: dict[str, bytes], peft_dirs: list[Path], args
 
 
 def run_server(mode: str, backbone_dir: Path, work: Path, blobs, peft_dirs, args) -> dict:
-    env = {"KRONSERVE_BATCHING": mode, "KRONSERVE_DEVICE": "cpu", "KRONSERVE_LOG_LEVEL": "warning",
-           "KRONSERVE_QUEUE_SIZE": "1024", "KRONSERVE_MAX_BATCH_ROWS": "64"}
+    env = {
+        "KRONSERVE_BATCHING": mode,
+        "KRONSERVE_DEVICE": "cpu",
+        "KRONSERVE_LOG_LEVEL": "warning",
+        "KRONSERVE_QUEUE_SIZE": "1024",
+        "KRONSERVE_MAX_BATCH_ROWS": "64",
+    }
     server = Server(backbone_dir, work / f"store-{mode}", work / f"{mode}.log", env)
     server.start()
     try:
@@ -196,9 +201,13 @@ def main() -> None:
         res = {mode: run_server(mode, backbone_dir, work, blobs, peft_dirs, args) for mode in ("static", "continuous")}
         peft_s = peft_time(backbone_dir, peft_dirs, args.rounds) if have_peft else float("nan")
     print(f"{'':26}{'static':>12}{'continuous':>12}")
-    for key, label in (("idle_p50", "short p50 idle (s)"), ("busy_p50", "short p50 behind long (s)"),
-                       ("mixed_tps", "tokens/s, lengths 1..64"), ("fixed_tps", "tokens/s, all 16"),
-                       ("burst_s", "32-row PEFT burst (s)")):
+    for key, label in (
+        ("idle_p50", "short p50 idle (s)"),
+        ("busy_p50", "short p50 behind long (s)"),
+        ("mixed_tps", "tokens/s, lengths 1..64"),
+        ("fixed_tps", "tokens/s, all 16"),
+        ("burst_s", "32-row PEFT burst (s)"),
+    ):
         if key in res["static"]:
             print(f"{label:26}{res['static'][key]:12.3f}{res['continuous'][key]:12.3f}")
     print(f"{'PEFT in-process 32 rows (s)':26}{peft_s:12.3f}")

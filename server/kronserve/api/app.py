@@ -20,6 +20,7 @@ from ..metrics import Metrics
 from ..service import Service
 from .backend import Backend
 from .errors import install_error_handlers
+from .openai import router as openai_router
 from .routes import router
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.backend = service
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
 
     app.add_middleware(JsonBodyLimit, limit=settings.max_request_bytes, metrics=service.metrics)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
@@ -59,10 +61,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
 
 class JsonBodyLimit:
-    """413 for a predict or score body over `limit` bytes, decided while it streams in: a huge body is never
+    """413 for a predict, score or OpenAI body over `limit` bytes, decided while it streams in: a huge body is never
     buffered or parsed (uploads have their own limit, `max_upload_bytes`)."""
 
-    PATHS = frozenset({"/v1/predict", "/v1/score"})
+    PATHS = frozenset({"/v1/predict", "/v1/score", "/v1/completions", "/v1/chat/completions"})
 
     def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics

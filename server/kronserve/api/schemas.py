@@ -30,6 +30,8 @@ class PredictRequest(_Strict):
         le=2**63 - 1,
         description="sampling: the same seed gives the same output, whatever else runs",
     )
+    stop: list[str] = Field(default_factory=list, max_length=4, description="end each output before any of these")
+    stream: bool = Field(default=False, description="answer text/event-stream: text deltas as tokens are decoded")
 
 
 class PredictResponse(BaseModel):
@@ -53,6 +55,7 @@ class ScoreResponse(BaseModel):
 class AdapterInfo(BaseModel):
     task: str
     version: int
+    created: int = Field(default=0, description="Unix time this version began to be served (by the answering process)")
     method: str
     params: int
     sha256: str
