@@ -15,7 +15,7 @@ from kronserve.backbone import load_backbone
 from kronserve.formats.native import dumps
 
 from ..conftest import make_adapter
-from ..reliability.conftest import metric
+from ..reliability.conftest import metric, metric_samples
 from .conftest import Server, upload
 
 TASK = "chatty"  # a LoRA strong enough that the tiny backbone writes varied, multi-byte text
@@ -170,8 +170,16 @@ def test_predict_streams_deltas_that_add_up_to_the_answer(chatty: Server) -> Non
         assert r.status_code == 404  # an error before the stream begins is a plain error answer
 
 
+def cancelled_running(url: str) -> float:
+    """Rows dropped because their caller left, summed over replicas (a cluster labels each replica's samples)."""
+    samples = metric_samples(url).items()
+    return sum(
+        v for (n, labels), v in samples if n == "kronserve_cancelled_requests_total" and ("stage", "running") in labels
+    )
+
+
 def test_a_client_that_leaves_a_stream_frees_its_row(chatty: Server) -> None:
-    before = metric(chatty.url, "kronserve_cancelled_requests_total", stage="running")
+    before = cancelled_running(chatty.url)
     body = {
         "task": TASK,
         "inputs": ["hello world"] * 8,
@@ -183,6 +191,6 @@ def test_a_client_that_leaves_a_stream_frees_its_row(chatty: Server) -> None:
     with httpx.stream("POST", f"{chatty.url}/v1/predict", json=body, timeout=60) as r:
         next(r.iter_lines())  # the first delta came: the rows are running; leave
     deadline = time.monotonic() + 20
-    while metric(chatty.url, "kronserve_cancelled_requests_total", stage="running") <= before:
+    while cancelled_running(chatty.url) <= before:
         assert time.monotonic() < deadline, "the abandoned stream kept its rows running"
         time.sleep(0.05)
