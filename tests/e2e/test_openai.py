@@ -109,6 +109,10 @@ def test_chat_completion_whole_and_streamed(client: openai.OpenAI, chatty: Serve
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == 10
 
 
+SINGLE = pytest.mark.parametrize("server", ["single"], indirect=True)  # the gateway shares these routes: once is enough
+
+
+@SINGLE
 @pytest.mark.parametrize(
     ("extra", "status", "param"),
     [
@@ -133,6 +137,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(chatty: Server, extra: dict,
     assert metric(chatty.url, "kronserve_queue_wait_seconds_count") == before  # nothing queued
 
 
+@SINGLE
 def test_unknown_model_and_bad_chat_input_in_openai_shape(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-task", prompt="x")
@@ -146,6 +151,7 @@ def test_unknown_model_and_bad_chat_input_in_openai_shape(client: openai.OpenAI)
     assert e.value.body["param"] == "response_format"
 
 
+@SINGLE
 def test_stop_strings_end_the_text_before_them(chatty: Server, client: openai.OpenAI) -> None:
     full = predict(chatty.url, ["hello world"], 24).json()["outputs"][0]
     stop = full[len(full) // 2 : len(full) // 2 + 2]
