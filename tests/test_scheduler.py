@@ -32,7 +32,7 @@ async def ask(s: Scheduler, task: str, inputs: list[str], params: GenerationPara
     tok = s.engine.tokenize
     if targets is not None:
         return await s.submit(entry, tok(inputs), tok(targets, "target"))
-    return await s.submit(entry, tok(inputs), None, params or GEN)
+    return [g.text for g in await s.submit(entry, tok(inputs), None, params or GEN)]
 
 
 GEN = GenerationParams(max_new_tokens=4)
@@ -327,3 +327,33 @@ def test_a_row_that_cannot_be_decoded_fails_alone(engine: Engine, tasks) -> None
     poisoned, *fine = asyncio.run(run())
     assert isinstance(poisoned, RuntimeError)
     assert fine == [[alone(engine, t, "fine", GEN)] for t in tasks[5:8]]
+
+
+def test_a_sequence_whose_token_choice_fails_fails_alone(engine: Engine, tasks, monkeypatch) -> None:
+    from kronserve.decoding import Sequence
+
+    original = Sequence.choose
+
+    def choose(self, logits):
+        if self.params.seed == 13:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(self, logits)
+
+    monkeypatch.setattr(Sequence, "choose", choose)
+    bad = GenerationParams(max_new_tokens=6, temperature=1.0, seed=13)
+    fine = GenerationParams(max_new_tokens=6)
+
+    async def run():
+        s = make(engine, wait_s=0.05)
+        s.start()
+        out = await asyncio.gather(
+            ask(s, tasks[0], ["x", "y"], bad), *(ask(s, t, ["fine"], fine) for t in tasks[1:4]), return_exceptions=True
+        )
+        idle_after = s.idle
+        await s.drain_and_stop()
+        return out, idle_after
+
+    (failed, *answered), _ = asyncio.run(run())
+    assert isinstance(failed, RuntimeError)
+    assert answered == [[alone(engine, t, "fine", fine)] for t in tasks[1:4]]
+    assert engine.registry._refs.total() == 0

@@ -92,6 +92,8 @@ class Sequence:
             tail[-1] = False
             logits = logits.masked_fill(tail.scatter(0, index, tail), -math.inf)
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # every logit -inf or overflowed: the most likely id stands
+            return int(logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
 

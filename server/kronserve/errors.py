@@ -34,9 +34,13 @@ class UnknownTask(KronserveError):
 
 
 class InvalidRequest(KronserveError):
-    """The request is well-formed but its contents are not acceptable (422)."""
+    """The request is well-formed but its contents are not acceptable (422); `param` names the field."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class BadRequest(KronserveError):

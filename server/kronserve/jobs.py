@@ -18,6 +18,25 @@ from .messages import GenerationParams
 from .registry import Entry
 
 
+class TokenStream:
+    """A running request's tokens as the engine picks them, delivered in order on the event loop.
+
+    The engine thread `push`es (input index, token); the event loop reads `queue` and may `stop` an input
+    (a stop string appeared): the engine ends that sequence at its next step.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self.stopped: set[int] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def push(self, index: int, token: int) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, token))
+
+    def stop(self, index: int) -> None:
+        self.stopped.add(index)
+
+
 @dataclass(eq=False)
 class Job:
     entry: Entry  # leased at acceptance: the version this request is answered with
@@ -27,7 +46,9 @@ class Job:
     deadline: float  # time.monotonic() after which nobody waits for the answer
     future: asyncio.Future[Any]
     admitted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
+    cancelled: bool = False  # the caller gave up (set on the event loop)
+    failed: bool = False  # the engine answered it with an error while its other rows still ran
+    stream: TokenStream | None = None
     _leased: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

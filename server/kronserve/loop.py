@@ -28,8 +28,9 @@ import torch
 
 from .decoding import BeamSequence, Sequence, greedy_tokens
 from .engine import Engine
-from .errors import KronserveError
+from .errors import InvalidRequest, KronserveError
 from .jobs import Job
+from .messages import Generation
 from .metrics import Metrics
 from .running import RunningBatch
 
@@ -130,6 +131,7 @@ class DecodeLoop:
 
     def _turn(self) -> None:
         self._drop_cancelled()
+        self._end_stopped()
         generate, score = self._take()
         if self.static:
             self._run_static(generate)
@@ -199,6 +201,7 @@ class DecodeLoop:
         for job in jobs:
             self.metrics.time_to_first_token.observe(now - job.admitted)
         pre.batch.next_tokens = next_tokens
+        self._publish(members)
         self._merge(pre.batch, members)
 
     def _member(self, job: Job, index: int) -> _Member:
@@ -225,6 +228,7 @@ class DecodeLoop:
         self.metrics.step_tasks.observe(len({m.job.entry.task for m in running.members}))
         logits = self.engine.step(running.batch)
         running.batch.next_tokens = self._choose(logits, running.members, running.batch)
+        self._publish(running.members)
         elapsed = time.perf_counter() - started
         self.metrics.step_seconds.observe(elapsed)
         for _ in {id(m.job) for m in running.members}:
@@ -241,11 +245,16 @@ class DecodeLoop:
             seq = m.seq
             if isinstance(seq, Sequence) and not seq.params.sampling:
                 greedy.append((row, seq))
-            else:
-                choice = seq.choose(logits[row : row + seq.rows].clone())
-                tokens[row : row + seq.rows] = choice.tokens
-                if choice.order is not None:
-                    order[row : row + seq.rows] = [row + i for i in choice.order]
+            elif not m.job.failed:
+                try:
+                    choice = seq.choose(logits[row : row + seq.rows].clone())
+                except Exception as e:  # this sequence's request alone fails; its rows leave below
+                    log.error("request for task %r: choosing its next token failed: %s", m.job.entry.task, e)
+                    self._fail_job(m.job, e)
+                else:
+                    tokens[row : row + seq.rows] = choice.tokens
+                    if choice.order is not None:
+                        order[row : row + seq.rows] = [row + i for i in choice.order]
             row += seq.rows
         if greedy:
             rows = [r for r, _ in greedy]
@@ -257,6 +266,13 @@ class DecodeLoop:
             batch.reorder(order)
         return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
+    @staticmethod
+    def _publish(members: list[_Member]) -> None:
+        """Each streamed one-row sequence's new token (beams have no token to stream until they end)."""
+        for m in members:
+            if m.job.stream is not None and isinstance(m.seq, Sequence) and m.seq.tokens and not m.job.failed:
+                m.job.stream.push(m.index, m.seq.tokens[-1])
+
     def _leave(self) -> None:
         """Answer the requests whose sequences are all done; their rows leave the batch."""
         running = self._running
@@ -264,7 +280,9 @@ class DecodeLoop:
         kept: list[_Member] = []
         row = 0
         for m in running.members:
-            if m.seq.done:
+            if m.job.failed:
+                pass  # answered with its error already
+            elif m.seq.done:
                 self._sequence_done(m)
             else:
                 keep_rows.extend(range(row, row + m.seq.rows))
@@ -289,16 +307,28 @@ class DecodeLoop:
             self._answer(m.job, [o for o in outputs if o is not None])
 
     def _answer(self, job: Job, ids: list[list[int]]) -> None:
+        eos = self.engine.vocab.eos
         try:
-            texts = [self.engine.decode(row) for row in ids]
+            answers = [
+                Generation(self.engine.decode(row), len(row), len(prompt), "stop" if row[-1:] == [eos] else "length")
+                for row, prompt in zip(ids, job.inputs, strict=True)
+            ]
         except Exception as e:  # this request's tokens alone; its neighbours are answered
             log.error("request for task %r: its output could not be decoded: %s", job.entry.task, e)
             self._finish_error(job, e)
             return
         self.metrics.generated_tokens.inc(sum(len(row) for row in ids))
-        self._finish(job, texts)
+        self._finish(job, answers)
 
     # ---- cancellation and failure ------------------------------------------------------------------
+    def _end_stopped(self) -> None:
+        """Sequences whose stream saw a stop string end now, with the tokens they have."""
+        stopped = [m for m in self._running.members if m.job.stream is not None and m.index in m.job.stream.stopped]
+        for m in stopped:
+            m.seq.done = True
+        if stopped:
+            self._leave()
+
     def _drop_cancelled(self) -> None:
         running = self._running
         if not any(m.job.cancelled for m in running.members):
@@ -322,6 +352,11 @@ class DecodeLoop:
     def _drop(self, job: Job, stage: str) -> None:
         self.metrics.cancelled.labels(stage).inc()
         self._release(job)
+
+    def _fail_job(self, job: Job, error: Exception) -> None:
+        job.failed = True
+        self._outputs.pop(id(job), None)
+        self._finish_error(job, error)
 
     def _fail_running(self, error: Exception) -> None:
         members, self._running = self._running.members, _Running()
@@ -369,6 +404,8 @@ class DecodeLoop:
         p = jobs[0].params
         assert p is not None
         try:
+            if p.sampling:
+                raise InvalidRequest("sampling (temperature > 0) needs KRONSERVE_BATCHING=continuous")
             slots = [j.slot for j in jobs for _ in j.inputs]
             inputs = [ids for j in jobs for ids in j.inputs]
             ids = self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)

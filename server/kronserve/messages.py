@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -19,15 +21,44 @@ class GenerationParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the text ends before the first of these (its finish reason is then "stop")
 
     @property
     def sampling(self) -> bool:
-        return self.temperature > 0
+        """A temperature under 1e-5 is greedy (as vLLM's sampler treats it): dividing by it would overflow."""
+        return self.temperature >= SAMPLING_EPS
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One input's answer: its text, the tokens generated (EOS included) and why it ended."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+
+
+@dataclass(frozen=True)
+class Started:
+    """A stream's first event: the request was accepted and leased this version (its answers' headers)."""
+
+    task: str
+    version: int
+    replica: str | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text decoded since the last delta of input `index` (a stream's event)."""
+
+    index: int
+    text: str
 
 
 @dataclass(frozen=True)
 class Result:
     task: str
     version: int
-    values: list[Any]  # output strings or float scores
+    values: list[Any]  # `Generation`s (predict) or float scores (score)
     replica: str | None = None  # which cluster replica answered (None: the single-process server)

@@ -14,7 +14,7 @@ import time
 
 from .engine import Engine
 from .errors import NotReady, Overloaded, RequestTimeout
-from .jobs import Job
+from .jobs import Job, TokenStream
 from .loop import Bounds, DecodeLoop
 from .messages import GenerationParams
 from .metrics import Metrics
@@ -61,13 +61,14 @@ class Scheduler:
         inputs: list[list[int]],
         targets: list[list[int]] | None = None,
         params: GenerationParams | None = None,
+        stream: TokenStream | None = None,
     ) -> list:
         """Queue one request (predict when `params`, else score) and wait for its values.
 
         Takes over the caller's lease on `entry`: it is released when the request leaves the engine, or here if
-        it never enters the queue.
+        it never enters the queue. With `stream`, the engine also pushes each input's tokens as it picks them.
         """
-        job = Job(entry, inputs, targets, params, time.monotonic() + self.timeout_s, self._future())
+        job = Job(entry, inputs, targets, params, time.monotonic() + self.timeout_s, self._future(), stream=stream)
         if not self._accepting or self.loop.waiting >= self.queue_size:
             self._release(job)
             if not self._accepting:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from .backbone import default_backbone, load_backbone
 from .changes import ChangeFeed
@@ -21,13 +21,15 @@ from .engine import Engine
 from .errors import KronserveError, NotReady
 from .formats.importers import to_adapter
 from .formats.native import AdapterFile, dumps, is_native
+from .jobs import TokenStream
 from .loop import Bounds
-from .messages import GenerationParams, Result
+from .messages import Delta, GenerationParams, Result, Started
 from .methods import init_tensors, preset
 from .metrics import Metrics
 from .registry import Entry
 from .scheduler import Scheduler
 from .store import VersionRef, open_store
+from .streaming import StreamText
 from .t5_sites import base_norms
 
 log = logging.getLogger(__name__)
@@ -116,9 +118,55 @@ class Service:
     async def predict(
         self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
     ) -> Result:
+        if params.stop:  # stop strings are found in the text as it comes: the stream's path
+            events = [e async for e in self.predict_stream(task, inputs, params, pin)]
+            return events[-1]
         scheduler = self.scheduler
         ids = await asyncio.to_thread(self.engine.tokenize, inputs)  # once, off the event loop
         return await self._submit(scheduler, task, ids, None, params, pin)
+
+    async def predict_stream(
+        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+    ) -> AsyncIterator[Started | Delta | Result]:
+        """`Started`, text deltas per input as tokens are decoded, then the `Result` (its texts are the deltas' sums).
+
+        Errors before the first event raise as `predict` does; leaving the iteration early (a client gone)
+        cancels the request: its rows leave the engine at the next step.
+        """
+        scheduler = self.scheduler
+        ids = await asyncio.to_thread(self.engine.tokenize, inputs)
+        if pin is not None:
+            await self._ensure(task, pin)
+        (entry,) = self.engine.registry.acquire([task])
+        stream, text = TokenStream(), StreamText(self.engine.decode, len(ids), params.stop)
+        answer = asyncio.ensure_future(scheduler.submit(entry, ids, None, params, stream))
+        try:
+            yield Started(entry.task, entry.version, self.name)
+            while not answer.done() or not stream.queue.empty():
+                if stream.queue.empty():
+                    getting = asyncio.ensure_future(stream.queue.get())
+                    await asyncio.wait({getting, answer}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getting.done():
+                        getting.cancel()
+                        continue
+                    index, token = getting.result()
+                else:
+                    index, token = stream.queue.get_nowait()
+                delta, stopped = text.add(index, token)
+                if stopped:
+                    stream.stop(index)
+                if delta:
+                    yield Delta(index, delta)
+            finals = []
+            for i, generation in enumerate(answer.result()):
+                delta, final = text.finish(i, generation)
+                if delta:
+                    yield Delta(i, delta)
+                finals.append(final)
+            yield Result(entry.task, entry.version, finals, self.name)
+        finally:
+            if not answer.done():
+                answer.cancel()
 
     async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
         scheduler = self.scheduler

@@ -23,6 +23,7 @@ from ..service import Service
 from .backend import Backend
 from .connections import BodyDeadline, head_deadline
 from .errors import install_error_handlers
+from .openai import router as openai_router
 from .routes import router
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     service.metrics.queue_capacity.set(service.settings.queue_size)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
 
     app.add_middleware(JsonBodyLimit, limit=settings.max_request_bytes, metrics=service.metrics)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
@@ -69,10 +71,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
 
 class JsonBodyLimit:
-    """413 for a predict or score body over `limit` bytes, decided while it streams in: a huge body is never
+    """413 for a predict, score or OpenAI body over `limit` bytes, decided while it streams in: a huge body is never
     buffered or parsed (uploads have their own limit, `max_upload_bytes`)."""
 
-    PATHS = frozenset({"/v1/predict", "/v1/score"})
+    PATHS = frozenset({"/v1/predict", "/v1/score", "/v1/completions", "/v1/chat/completions"})
 
     def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics

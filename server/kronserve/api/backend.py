@@ -6,10 +6,11 @@ protocol, not because it copies the routes.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from ..config import Settings
-from ..messages import GenerationParams, Result
+from ..messages import Delta, GenerationParams, Result, Started
 from ..metrics import Metrics
 
 
@@ -26,6 +27,12 @@ class Backend(Protocol):
         ...
 
     async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result: ...
+
+    def predict_stream(
+        self, task: str, inputs: list[str], params: GenerationParams
+    ) -> AsyncIterator[Started | Delta | Result]:
+        """`Started`, then text deltas as tokens are decoded, then the `Result`; closing it cancels the request."""
+        ...
 
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result: ...
 

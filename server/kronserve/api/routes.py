@@ -8,15 +8,16 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Request, Response, Security
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..config import TASK_ID_PATTERN
-from ..errors import BadRequest, ClientClosed, InvalidRequest, PayloadTooLarge, Unauthorized
-from ..messages import GenerationParams, Result
+from ..errors import BadRequest, ClientClosed, InvalidRequest, KronserveError, PayloadTooLarge, Unauthorized
+from ..messages import Delta, GenerationParams, Result
 from .backend import Backend
+from .generation import Event, checked_params, event, opened, sse
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
 # When each documented refusal happens; every operation lists the ones it can give, and only those.
@@ -51,6 +52,7 @@ def get_backend(request: Request) -> Backend:
 
 BackendDep = Annotated[Backend, Depends(get_backend)]
 REPLICA_HEADER = "x-kronserve-replica"
+VERSION_HEADER = "x-kronserve-version"
 
 
 def require_admin(
@@ -65,27 +67,58 @@ def require_admin(
         raise Unauthorized("missing or wrong admin token (Authorization: Bearer …)")
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=_errors(400, 404, 413, 422, 503))
-async def predict(body: PredictRequest, backend: BackendDep, request: Request, response: Response) -> PredictResponse:
-    limits = backend.settings
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses={
+        **_errors(400, 404, 413, 422, 503),
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with `stream`"},
+    },
+)
+async def predict(
+    body: PredictRequest, backend: BackendDep, request: Request, response: Response
+) -> PredictResponse | StreamingResponse:
     _check_limits(backend, body.inputs)
-    limit = limits.max_new_tokens
-    # Unset, it is the schema's default, capped by the server's limit (a lower limit must not refuse the default).
-    max_new = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else min(body.max_new_tokens, limit)
-    if max_new > limit:
-        raise InvalidRequest(f"max_new_tokens {max_new} exceeds {limit}")
-    if body.min_new_tokens > max_new:
-        raise InvalidRequest(f"min_new_tokens {body.min_new_tokens} exceeds max_new_tokens {max_new}")
-    if body.num_beams > limits.max_beams:
-        raise InvalidRequest(f"num_beams {body.num_beams} exceeds {limits.max_beams}")
-    if body.num_beams > 1 and body.temperature > 0:
-        raise InvalidRequest("num_beams > 1 is beam search: it cannot be combined with sampling (temperature > 0)")
-    params = GenerationParams(
-        max_new, body.min_new_tokens, body.num_beams, body.temperature, body.top_p, body.top_k, body.seed
+    # Unset, it is min(32, the server's limit): a lower limit must not refuse the default.
+    max_new = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None
+    params = checked_params(
+        backend.settings,
+        max_new,
+        body.min_new_tokens,
+        body.num_beams,
+        body.temperature,
+        body.top_p,
+        body.top_k,
+        body.seed,
+        tuple(body.stop),
     )
+    if body.stream:
+        return await _predict_stream(backend, body, params)
     result = await until_disconnected(request, backend.predict(body.task, body.inputs, params))
     _answered(backend, response, result, "predict")
-    return PredictResponse(task=result.task, version=result.version, outputs=result.values)
+    return PredictResponse(task=result.task, version=result.version, outputs=[g.text for g in result.values])
+
+
+async def _predict_stream(backend: Backend, body: PredictRequest, params: GenerationParams) -> StreamingResponse:
+    """One `{"index", "text"}` event per decoded piece of text, then `event: done` with the whole answer; an
+    error after the stream began is an `event: error` with the usual error body."""
+    events = backend.predict_stream(body.task, body.inputs, params)
+    started = await opened(events)
+
+    def encode(e: Event) -> list[bytes]:
+        if isinstance(e, Delta):
+            return [event({"index": e.index, "text": e.text})]
+        if isinstance(e, Result):
+            _count(backend, e, "predict")
+            done = {"task": e.task, "version": e.version, "outputs": [g.text for g in e.values]}
+            return [event(done, "done")]
+        return []
+
+    def error(e: KronserveError) -> bytes:
+        return event({"error": {"code": e.code, "message": str(e)}}, "error")
+
+    headers = _headers(started.version, started.replica)
+    return StreamingResponse(sse(started, events, encode, error), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=_errors(400, 404, 413, 422, 503))
@@ -184,8 +217,18 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def _answered(backend: Backend, response: Response, result: Result, endpoint: str) -> None:
-    if result.replica is not None:
-        response.headers[REPLICA_HEADER] = result.replica
+    response.headers.update(_headers(result.version, result.replica))
+    _count(backend, result, endpoint)
+
+
+def _headers(version: int, replica: str | None) -> dict[str, str]:
+    headers = {VERSION_HEADER: str(version)}
+    if replica is not None:
+        headers[REPLICA_HEADER] = replica
+    return headers
+
+
+def _count(backend: Backend, result: Result, endpoint: str) -> None:
     backend.metrics.task_requests.labels(backend.metrics.task_label(result.task), endpoint).inc()
 
 

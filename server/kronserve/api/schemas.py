@@ -36,6 +36,7 @@ ErrorCode = Literal[
     "replica_unavailable",
     "body_timeout",
     "client_closed",
+    "unsupported_parameter",
     "internal",
 ]
 
@@ -70,6 +71,8 @@ class PredictRequest(_Strict):
         le=2**63 - 1,
         description="sampling: the same seed gives the same output, whatever else runs",
     )
+    stop: list[str] = Field(default_factory=list, max_length=4, description="end each output before any of these")
+    stream: bool = Field(default=False, description="answer text/event-stream: text deltas as tokens are decoded")
 
 
 class PredictResponse(BaseModel):
@@ -107,6 +110,7 @@ class ScoreResponse(BaseModel):
 class AdapterInfo(BaseModel):
     task: str = Field(description="task id")
     version: int = Field(description="counts up from 1 per task; a task deleted and made anew starts at 1 again")
+    created: int = Field(default=0, description="Unix time this version began to be served (by the answering process)")
     method: str = Field(description="compacter, compacter++, phm, houlsby, pfeiffer or lora")
     params: int = Field(description="trainable parameters of the adapter")
     sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")

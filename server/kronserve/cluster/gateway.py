@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings
 from ..errors import KronserveError, NotReady, ReplicaUnavailable, UnknownTask
-from ..messages import GenerationParams, Result
+from ..messages import Delta, GenerationParams, Result, Started
 from ..metrics import Metrics, merged_with_source
 from ..store import VersionRef, open_store
 from .ring import Ring
@@ -60,6 +60,32 @@ class ClusterBackend:
 
     async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result:
         return await self._forward(task, "predict", task, inputs, params, await self._pin(task))
+
+    async def predict_stream(
+        self, task: str, inputs: list[str], params: GenerationParams
+    ) -> AsyncIterator[Started | Delta | Result]:
+        """The task's replica streams its events through; a replica lost before the first event is replaced by the
+        next one, after it the stream ends with `replica_unavailable` (the text so far cannot be taken back)."""
+        pin = await self._pin(task)
+        tried = []
+        for name in self.ring.choose(task, self.up, self.load):
+            tried.append(name)
+            call = self.handles[name].options(stream=True).stream.remote("predict_stream", task, inputs, params, pin)
+            began = False
+            self.load[name] += 1
+            try:
+                async for outcome in call:
+                    began = True
+                    yield outcome.unwrap()
+                return
+            except _REPLICA_DIED as e:
+                self._down(name, e)
+                if began:
+                    raise ReplicaUnavailable(f"replica {name} failed while streaming {task!r}; retry") from None
+            finally:
+                self.load[name] -= 1
+                call.cancel()
+        raise ReplicaUnavailable(f"no replica could serve {task!r} (tried {', '.join(tried)})", retry_after=5)
 
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result:
         return await self._forward(task, "score", task, inputs, targets, await self._pin(task))

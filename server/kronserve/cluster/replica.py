@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,15 @@ class Replica:
             return Outcome(await getattr(self.service, method)(*args))
         except KronserveError as e:
             return Outcome(error=e)
+
+    async def stream(self, method: str, *args: Any) -> AsyncIterator[Outcome]:
+        """Run one streaming `Backend` method (predict_stream); each event travels as an `Outcome`. The gateway
+        cancelling the call closes the service's stream, which cancels the request in the engine."""
+        try:
+            async for item in getattr(self.service, method)(*args):
+                yield Outcome(item)
+        except KronserveError as e:
+            yield Outcome(error=e)
 
     def info(self) -> dict[str, Any]:
         """Who and what: the gateway's health probe, and what tests need to find and kill a replica."""

@@ -1,0 +1,290 @@
+"""OpenAI-compatible routes: every task is a `model`; completions and chat completions, streamed or not.
+
+They ride the same backend and step loop as `/v1/predict` (an OpenAI request shares decode steps with
+kronserve rows of other tasks). Errors on these routes take OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`; a field kronserve cannot honour is a 400 naming it, never
+silently ignored. T5 tasks take one input: for chat it is the last user message's content.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+
+from ..errors import InvalidRequest, KronserveError, Overloaded, UnknownTask
+from ..messages import Delta, Generation, GenerationParams, Result, Started
+from .errors import endpoint_of, status_of
+from .generation import Event, checked_params, event, opened, sse
+from .openai_schemas import NEUTRAL, ChatRequest, CompletionRequest, OpenAIErrorResponse, _Sampling
+from .routes import BackendDep, _check_limits, _count, _headers, until_disconnected
+
+
+class Unsupported(KronserveError):
+    """A field or value the OpenAI API has and kronserve does not honour (400, naming it)."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class OpenAIRoute(APIRoute):
+    """Errors of these routes in OpenAI's shape (the rest of the API keeps kronserve's)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                first = e.errors()[0] if e.errors() else {}
+                loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+                if first.get("type") == "json_invalid":
+                    return _error(request, 400, "malformed_json", "the body is not valid JSON", None)
+                param = ".".join(loc) or None
+                return _error(request, 422, "validation_error", f"{param}: {first.get('msg', 'invalid')}", param)
+            except KronserveError as e:
+                # OpenAI answers 400 for any request it will not serve as sent; kronserve's 422 is for schema errors.
+                status = 400 if isinstance(e, Unsupported | InvalidRequest) else status_of(e)
+                code = "model_not_found" if isinstance(e, UnknownTask) else e.code
+                param = getattr(e, "param", None) or ("model" if isinstance(e, UnknownTask) else None)
+                headers = {"Retry-After": str(int(e.retry_after))} if isinstance(e, Overloaded) else None
+                return _error(request, status, code, str(e), param, headers)
+
+        return route
+
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI-compatible"])
+_WHEN = {
+    400: "a field or value kronserve does not honour (named in `param`), or a request it will not serve as sent",
+    404: "no task with an active version has this id (`model_not_found`)",
+    413: "body over max_request_bytes",
+    422: "a field of the wrong type or out of range",
+    503: "overloaded, starting or draining, or timed out; with Retry-After",
+}
+_STREAMED = {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with `stream`"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": OpenAIErrorResponse, "description": _WHEN[s]} for s in statuses}
+
+
+@router.get("/v1/models", responses=_errors(503))
+async def list_models(backend: BackendDep) -> dict[str, Any]:
+    return {"object": "list", "data": [_model(info) for info in await backend.adapters()]}
+
+
+@router.get("/v1/models/{model}", responses=_errors(404, 503))
+async def get_model(request: Request, backend: BackendDep) -> dict[str, Any]:
+    # Read from the path, not declared as a parameter: any id is a valid request (unknown ones are 404, never 422).
+    return _model(await backend.adapter(request.path_params["model"]))
+
+
+@router.post("/v1/completions", responses={**_errors(400, 404, 413, 422, 503), 200: _STREAMED})
+async def completions(body: CompletionRequest, backend: BackendDep, request: Request, response: Response) -> Any:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise InvalidRequest("prompt must not be empty", "prompt")
+    params = _params(backend, body, body.max_tokens, {"max_new_tokens": "max_tokens"})
+    _check_limits(backend, prompts)
+    reply = _Reply("cmpl", "text_completion", body.model)
+    if body.stream:
+        return await _stream(backend, body, prompts, params, reply.completion_chunks)
+    result = await until_disconnected(request, backend.predict(body.model, prompts, params))
+    _count(backend, result, "completions")
+    response.headers.update(_headers(result.version, result.replica))
+    return reply.completion(result)
+
+
+@router.post("/v1/chat/completions", responses={**_errors(400, 404, 413, 422, 503), 200: _STREAMED})
+async def chat_completions(body: ChatRequest, backend: BackendDep, request: Request, response: Response) -> Any:
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
+    params = _params(backend, body, max_tokens, names)
+    prompt = _last_user_message(body)
+    _check_limits(backend, [prompt])
+    reply = _Reply("chatcmpl", "chat.completion", body.model)
+    if body.stream:
+        return await _stream(backend, body, [prompt], params, reply.chat_chunks)
+    result = await until_disconnected(request, backend.predict(body.model, [prompt], params))
+    _count(backend, result, "chat")
+    response.headers.update(_headers(result.version, result.replica))
+    return reply.chat(result)
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+def _params(backend: BackendDep, body: _Sampling, max_tokens: int | None, names: dict[str, str]) -> GenerationParams:
+    """Refuse what cannot be honoured (by name), then check the rest against the server's limits."""
+    for name, value in (body.model_extra or {}).items():
+        if name not in NEUTRAL:
+            raise Unsupported(f"unrecognized request argument: {name}", name)
+        if value not in NEUTRAL[name]:
+            raise Unsupported(f"{name}={value!r} is not supported by kronserve", name)
+    if body.n != 1:
+        raise Unsupported("n > 1 is not supported by kronserve (send the request n times with different seeds)", "n")
+    if len(body.stops()) > 4:
+        raise InvalidRequest("stop takes at most 4 strings", "stop")
+    return checked_params(
+        backend.settings,
+        max_tokens,
+        min_new_tokens=body.min_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        seed=body.seed,
+        stop=body.stops(),
+        names={"min_new_tokens": "min_tokens", **names},
+    )
+
+
+def _last_user_message(body: ChatRequest) -> str:
+    users = [m for m in body.messages if m.role == "user"]
+    if not users:
+        raise InvalidRequest("messages has no user message: a T5 task answers the last user message", "messages")
+    content = users[-1].content
+    if isinstance(content, str):
+        return content
+    parts = content or []
+    if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in parts):
+        raise Unsupported("only text content parts are supported", "messages")
+    return "".join(p["text"] for p in parts)
+
+
+async def _stream(
+    backend: BackendDep,
+    body: _Sampling,
+    prompts: list[str],
+    params: GenerationParams,
+    chunks: Callable[[Event, bool], list[dict[str, Any]]],
+) -> StreamingResponse:
+    events = backend.predict_stream(body.model, prompts, params)
+    started = await opened(events)
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    endpoint = "chat" if isinstance(body, ChatRequest) else "completions"
+
+    def encode(e: Event) -> list[bytes]:
+        if isinstance(e, Result):
+            _count(backend, e, endpoint)
+            return [*(event(c) for c in chunks(e, usage)), event("[DONE]")]
+        return [event(c) for c in chunks(e, usage)]
+
+    def error(e: KronserveError) -> bytes:
+        body = {"error": {"message": str(e), "type": _type(status_of(e)), "param": None, "code": e.code}}
+        return event(body) + event("[DONE]")
+
+    headers = _headers(started.version, started.replica)
+    return StreamingResponse(sse(started, events, encode, error), media_type="text/event-stream", headers=headers)
+
+
+# ---- answers ---------------------------------------------------------------------------------------
+class _Reply:
+    """One answer's identity (id, created, model) and its OpenAI shapes, whole or as chunks."""
+
+    def __init__(self, prefix: str, kind: str, model: str) -> None:
+        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+        self.created = int(time.time())
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def completion(self, result: Result) -> dict[str, Any]:
+        choices = [
+            {"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None}
+            for i, g in enumerate(result.values)
+        ]
+        return {
+            **self._head(self.kind),
+            "choices": choices,
+            "usage": _usage(result.values),
+            "kronserve_version": result.version,
+        }
+
+    def chat(self, result: Result) -> dict[str, Any]:
+        (g,) = result.values
+        message = {"role": "assistant", "content": g.text}
+        choice = {"index": 0, "message": message, "finish_reason": g.finish_reason, "logprobs": None}
+        return {
+            **self._head(self.kind),
+            "choices": [choice],
+            "usage": _usage(result.values),
+            "kronserve_version": result.version,
+        }
+
+    def completion_chunks(self, e: Event, usage: bool) -> list[dict[str, Any]]:
+        head = self._head("text_completion")
+        if isinstance(e, Delta):
+            return [{**head, "choices": [{"index": e.index, "text": e.text, "finish_reason": None, "logprobs": None}]}]
+        if isinstance(e, Result):
+            ends = [
+                {
+                    **head,
+                    "choices": [{"index": i, "text": "", "finish_reason": g.finish_reason, "logprobs": None}],
+                    "kronserve_version": e.version,
+                }
+                for i, g in enumerate(e.values)
+            ]
+            return ends + ([{**head, "choices": [], "usage": _usage(e.values)}] if usage else [])
+        return []
+
+    def chat_chunks(self, e: Event, usage: bool) -> list[dict[str, Any]]:
+        head = self._head("chat.completion.chunk")
+        if isinstance(e, Started):
+            return [
+                {
+                    **head,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+            ]
+        if isinstance(e, Delta):
+            return [{**head, "choices": [{"index": 0, "delta": {"content": e.text}, "finish_reason": None}]}]
+        if isinstance(e, Result):
+            (g,) = e.values
+            end = {
+                **head,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": g.finish_reason}],
+                "kronserve_version": e.version,
+            }
+            return [end] + ([{**head, "choices": [], "usage": _usage(e.values)}] if usage else [])
+        return []
+
+
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(g.tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _model(info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": info["task"],
+        "object": "model",
+        "created": info.get("created", 0),
+        "owned_by": "kronserve",
+        "kronserve_version": info["version"],
+        "method": info["method"],
+    }
+
+
+def _type(status: int) -> str:
+    return {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
+
+def _error(
+    request: Request, status: int, code: str, message: str, param: str | None, headers: dict | None = None
+) -> JSONResponse:
+    backend = getattr(request.app.state, "backend", None)
+    if backend is not None:
+        backend.metrics.failures.labels(endpoint_of(request), code).inc()
+    body = {"error": {"message": message, "type": _type(status), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)

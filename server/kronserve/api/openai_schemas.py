@@ -1,0 +1,93 @@
+"""The OpenAI request bodies kronserve accepts, and the fields it refuses by name.
+
+Every task with an active version is a `model`. A field kronserve cannot honour is refused (400) rather
+than ignored: the OpenAI fields below, with the value they may take; any field not known at all, too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI (and vLLM) fields kronserve does not implement: accepted only with their neutral value.
+NEUTRAL: dict[str, Any] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None,),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields both routes share. Unknown fields are kept (`extra="allow"`) so the route can name them in its 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float = Field(default=1.0, ge=0, le=2, description="OpenAI's default 1.0 samples; 0 is greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=-1, description="vLLM extension: keep the k most likely ids (0 or -1: all)")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM extension: no end of sequence before this many")
+    n: int = Field(default=1, ge=1, description="only 1")
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before one")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, description="accepted and ignored")
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="one input, or a list of inputs (a choice each)")
+    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default 16")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, description="the input is the last user message's content")
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="what is wrong, for a person")
+    type: str = Field(description="invalid_request_error, authentication_error or server_error")
+    param: str | None = Field(description="the request field at fault, when one is")
+    code: str = Field(description="kronserve's error code, or model_not_found / unsupported_parameter")
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIError
