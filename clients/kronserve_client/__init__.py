@@ -1,6 +1,6 @@
 """Python client for the kronserve REST API: `KronserveClient` (blocking) and `AsyncKronserveClient` (asyncio)."""
 
-from .client import AsyncKronserveClient, FileSpec, KronserveClient
+from .client import AsyncKronserveClient, FileSpec, KronserveClient, Sampling
 from .errors import (
     BadRequest,
     Conflict,
@@ -10,13 +10,14 @@ from .errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    StreamError,
     Unauthorized,
     UnexpectedStatus,
     Unreachable,
     UnsupportedMediaType,
     error_from_response,
 )
-from .models import AdapterInfo, AdapterSpec, PredictResult, ScoreResult
+from .models import AdapterInfo, AdapterSpec, PredictResult, ScoreResult, StreamDelta
 
 __all__ = [
     "AdapterInfo",
@@ -33,7 +34,10 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "PredictResult",
+    "Sampling",
     "ScoreResult",
+    "StreamDelta",
+    "StreamError",
     "Unauthorized",
     "UnexpectedStatus",
     "Unreachable",

@@ -5,7 +5,7 @@ call from its output without parsing it.
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .client import DEFAULT_URL, KronserveClient
+from .client import DEFAULT_URL, KronserveClient, Sampling
 from .errors import KronserveClientError, Unreachable
+from .models import PredictResult, StreamDelta
 
 __all__ = ["DEFAULT_URL", "app", "make_client", "run"]
 
@@ -83,8 +84,9 @@ def main(
     ctx.obj = _Settings(url=url, token=token or None, retries=retries)
 
 
-def _call(ctx: typer.Context, action: Callable[[KronserveClient], Any]) -> Any:
-    """Run one client call, print its JSON and return it; every failure becomes one stderr line and exit status 1."""
+def _call(ctx: typer.Context, action: Callable[[KronserveClient], Any], echo: bool = True) -> Any:
+    """Run one client call, print its JSON (unless `echo` is off: it printed as it went) and return it; every failure
+    becomes one stderr line and exit status 1."""
     settings: _Settings = ctx.obj
     try:
         with make_client(settings.url, settings.token, settings.retries) as client:
@@ -95,7 +97,8 @@ def _call(ctx: typer.Context, action: Callable[[KronserveClient], Any]) -> Any:
     except KronserveClientError as exc:
         typer.echo(f"error: {exc.status} {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    if echo:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
     return result
 
 
@@ -107,13 +110,43 @@ def predict(
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="default: the server's")] = None,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", min=0, help="no end of sequence before")] = 0,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1)] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", min=0, help="0: greedy; above: sampling")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0, max=1)] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="0: off")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="the same seed, the same sample")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="end the output before this; repeat (up to 4)")
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="print text as it is decoded (one input: raw text; several: JSON lines)")
+    ] = False,
 ) -> None:
     """Generate outputs for INPUTS with TASK's adapter."""
+    sampling = Sampling(temperature, top_p, top_k, seed, tuple(stop or ()))
+    if stream:
+        _call(
+            ctx,
+            lambda client: _stream(
+                client.predict_stream(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling), len(inputs)
+            ),
+            echo=False,
+        )
+        return
 
     def action(client: KronserveClient) -> dict[str, Any]:
-        return asdict(client.predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
+        return asdict(client.predict(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling))
 
     _call(ctx, action)
+
+
+def _stream(events: Iterator[StreamDelta | PredictResult], inputs: int) -> None:
+    for item in events:
+        if isinstance(item, StreamDelta) and inputs == 1:
+            typer.echo(item.text, nl=False)
+        elif isinstance(item, StreamDelta):
+            typer.echo(json.dumps(asdict(item), ensure_ascii=False))
+    if inputs == 1:
+        typer.echo("")
 
 
 @app.command()

@@ -7,10 +7,11 @@ supplies the transport step, so the two cannot drift apart in what they send or 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -19,10 +20,17 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import InvalidResponse, KronserveClientError, error_from_response, error_from_transport, is_retryable
-from .models import AdapterInfo, PredictResult, ScoreResult
+from .errors import (
+    InvalidResponse,
+    KronserveClientError,
+    StreamError,
+    error_from_response,
+    error_from_transport,
+    is_retryable,
+)
+from .models import AdapterInfo, PredictResult, ScoreResult, StreamDelta
 
-__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncKronserveClient", "FileSpec", "KronserveClient"]
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncKronserveClient", "FileSpec", "KronserveClient", "Sampling"]
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -83,16 +91,65 @@ def _body(response: httpx.Response) -> Any:
     return response.json()
 
 
-def _predict(
-    task: str, inputs: Sequence[str], max_new_tokens: int | None, num_beams: int, min_new_tokens: int
-) -> _Call[PredictResult]:
-    """Unset, `max_new_tokens` is left to the server (32, or its limit if lower)."""
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How outputs are decoded beyond greedy: `temperature` 0 is greedy (beam search with num_beams > 1); above 0
+    sampling with `top_k` (0: off) then `top_p`, reproducible for a `seed`; `stop`: end before any of these."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def _predict_body(
+    task: str,
+    inputs: Sequence[str],
+    max_new_tokens: int | None,
+    num_beams: int,
+    min_new_tokens: int,
+    sampling: Sampling | None,
+    stream: bool = False,
+) -> dict[str, object]:
+    """Unset, `max_new_tokens` is left to the server (32, or its limit if lower); defaults are not sent."""
     body: dict[str, object] = {"task": task, "inputs": _texts(inputs, "inputs"), "num_beams": num_beams}
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
     if min_new_tokens:
         body["min_new_tokens"] = min_new_tokens
+    defaults = Sampling()
+    for name in Sampling.__slots__:
+        value = getattr(sampling or defaults, name)
+        if value != getattr(defaults, name):
+            body[name] = list(value) if name == "stop" else value
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def _predict(body: dict[str, object]) -> _Call[PredictResult]:
     return _Call("POST", "/v1/predict", lambda r: PredictResult.from_json(_body(r)), json=body)
+
+
+@dataclass
+class _Events:
+    """Server-sent events of `/v1/predict` with `stream`, line by line: deltas, then the whole answer."""
+
+    event: str | None = None
+
+    def feed(self, line: str) -> StreamDelta | PredictResult | None:
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+            return None
+        if not line.startswith("data:"):
+            return None
+        event, self.event = self.event, None
+        data = json.loads(line[5:])
+        if event == "error":
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            raise StreamError(200, str(error.get("code", "internal")), str(error.get("message", "stream failed")))
+        return PredictResult.from_json(data) if event == "done" else StreamDelta.from_json(data)
 
 
 def _score(task: str, inputs: Sequence[str], targets: Sequence[str]) -> _Call[ScoreResult]:
@@ -207,9 +264,38 @@ class KronserveClient:
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
     ) -> PredictResult:
         """Generate one output per input with the task's current adapter (the server allows 1..64 inputs)."""
-        return self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
+        return self._run(_predict(_predict_body(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling)))
+
+    def predict_stream(
+        self,
+        task: str,
+        inputs: Sequence[str],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
+    ) -> Iterator[StreamDelta | PredictResult]:
+        """`StreamDelta`s as tokens are decoded, then the `PredictResult` (each output is its deltas' sum).
+
+        An error before the stream begins raises as `predict` does (no retry once text has flowed); one after it
+        raises `StreamError`. Leaving the loop early closes the connection: the server stops generating.
+        """
+        body = _predict_body(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling, stream=True)
+        try:
+            with self._http.stream("POST", "/v1/predict", json=body) as response:
+                if not response.is_success:
+                    response.read()
+                    raise error_from_response(response)
+                events = _Events()
+                for line in response.iter_lines():
+                    item = events.feed(line)
+                    if item is not None:
+                        yield item
+        except httpx.TransportError as e:
+            raise error_from_transport(e, self.base_url) from e
 
     def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
         """Score each target given its input (paired by position, so both must have the same length)."""
@@ -304,9 +390,35 @@ class AsyncKronserveClient:
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
     ) -> PredictResult:
         """See `KronserveClient.predict`."""
-        return await self._run(_predict(task, inputs, max_new_tokens, num_beams, min_new_tokens))
+        body = _predict_body(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling)
+        return await self._run(_predict(body))
+
+    async def predict_stream(
+        self,
+        task: str,
+        inputs: Sequence[str],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
+    ) -> AsyncIterator[StreamDelta | PredictResult]:
+        """See `KronserveClient.predict_stream`."""
+        body = _predict_body(task, inputs, max_new_tokens, num_beams, min_new_tokens, sampling, stream=True)
+        try:
+            async with self._http.stream("POST", "/v1/predict", json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise error_from_response(response)
+                events = _Events()
+                async for line in response.aiter_lines():
+                    item = events.feed(line)
+                    if item is not None:
+                        yield item
+        except httpx.TransportError as e:
+            raise error_from_transport(e, self.base_url) from e
 
     async def score(self, task: str, inputs: Sequence[str], targets: Sequence[str]) -> ScoreResult:
         """See `KronserveClient.score`."""

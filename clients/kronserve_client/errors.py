@@ -100,6 +100,10 @@ class Unreachable(KronserveClientError):
         return self.message
 
 
+class StreamError(KronserveClientError):
+    """The server reported an error after a stream began (what was streamed before it stands)."""
+
+
 class InvalidResponse(KronserveClientError):
     """A success status whose body does not have the documented shape: client and server disagree on the contract."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
-__all__ = ["AdapterInfo", "AdapterSpec", "PredictResult", "ScoreResult"]
+__all__ = ["AdapterInfo", "AdapterSpec", "PredictResult", "ScoreResult", "StreamDelta"]
 
 
 class AdapterSpec(TypedDict, total=False):
@@ -122,3 +122,16 @@ class AdapterInfo:
             "sha256": self.sha256,
             **({"spec": self.spec} if self.spec is not None else {}),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelta:
+    """Text of input `index` decoded since its last delta; a stream's deltas of one input add up to its output."""
+
+    index: int
+    text: str
+
+    @classmethod
+    def from_json(cls, obj: Any) -> StreamDelta:
+        body = _mapping(obj)
+        return cls(index=int(body["index"]), text=str(body["text"]))

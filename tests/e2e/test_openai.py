@@ -3,6 +3,7 @@ streaming on kronserve's own `/v1/predict`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 
 from kronserve.backbone import load_backbone
 from kronserve.formats.native import dumps
+from kronserve_client import AsyncKronserveClient, KronserveClient, PredictResult, Sampling, StreamDelta
 
 from ..conftest import make_adapter
 from ..reliability.conftest import metric, metric_samples
+from ..test_cli import console
 from .conftest import Server, upload
 
 TASK = "chatty"  # a LoRA strong enough that the tiny backbone writes varied, multi-byte text
@@ -200,3 +203,26 @@ def test_a_client_that_leaves_a_stream_frees_its_row(chatty: Server) -> None:
     while cancelled_running(chatty.url) <= before:
         assert time.monotonic() < deadline, "the abandoned stream kept its rows running"
         time.sleep(0.05)
+
+
+@SINGLE
+def test_the_python_client_and_cli_stream_and_sample(chatty: Server) -> None:
+    inputs = ["hello world", "another input"]
+    with KronserveClient(chatty.url) as c:
+        whole = c.predict(TASK, inputs, max_new_tokens=12)
+        events = list(c.predict_stream(TASK, inputs, max_new_tokens=12))
+        seeded = Sampling(temperature=1.0, top_k=20, seed=3)
+        assert c.predict(TASK, inputs, 12, sampling=seeded) == c.predict(TASK, inputs, 12, sampling=seeded)
+    deltas = [e for e in events if isinstance(e, StreamDelta)]
+    assert events[-1] == whole and isinstance(events[-1], PredictResult)
+    assert ["".join(d.text for d in deltas if d.index == i) for i in range(2)] == whole.outputs
+
+    async def run() -> list:
+        async with AsyncKronserveClient(chatty.url) as c:
+            return [e async for e in c.predict_stream(TASK, inputs[:1], max_new_tokens=12)]
+
+    assert asyncio.run(run())[-1].outputs == whole.outputs[:1]
+    cli = console(
+        "kronserve-client", "--url", chatty.url, "predict", TASK, inputs[0], "--max-new-tokens", "12", "--stream"
+    )
+    assert cli.returncode == 0 and cli.stdout == whole.outputs[0] + "\n", cli.stderr
