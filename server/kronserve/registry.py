@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .backbone import Fingerprint
 from .bank import AdapterBank
@@ -41,12 +41,10 @@ class Entry:
     slot: int
     spec: MethodSpec
     params: int
-    created: int = field(default_factory=lambda: int(time.time()))  # when this process began serving it
 
     def describe(self) -> dict[str, object]:
         return {
             "task": self.task,
-            "created": self.created,
             "version": self.version,
             "method": self.spec.method,
             "params": self.params,

@@ -29,11 +29,6 @@ class RunningBatch:
     def rows(self) -> int:
         return len(self.slots)
 
-    @property
-    def cached_tokens(self) -> int:
-        """What the padded caches hold per layer, in token positions (rows × (decoder + encoder length))."""
-        return self.rows * (self.decoder_mask.shape[1] + self.encoder_mask.shape[1])
-
     def concatenate(self, other: RunningBatch) -> None:
         """Append `other`'s rows (after this batch's), padding both sides' caches to common lengths."""
         t = max(self.decoder_mask.shape[1], other.decoder_mask.shape[1])

@@ -264,10 +264,11 @@ def _usage(generations: list[Generation]) -> dict[str, int]:
 
 
 def _model(info: dict[str, Any]) -> dict[str, Any]:
+    # `created` is the time of the answer, as vLLM's model cards have it: no store records when a version was made.
     return {
         "id": info["task"],
         "object": "model",
-        "created": info.get("created", 0),
+        "created": int(time.time()),
         "owned_by": "kronserve",
         "kronserve_version": info["version"],
         "method": info["method"],

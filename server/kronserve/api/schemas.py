@@ -110,7 +110,6 @@ class ScoreResponse(BaseModel):
 class AdapterInfo(BaseModel):
     task: str = Field(description="task id")
     version: int = Field(description="counts up from 1 per task; a task deleted and made anew starts at 1 again")
-    created: int = Field(default=0, description="Unix time this version began to be served (by the answering process)")
     method: str = Field(description="compacter, compacter++, phm, houlsby, pfeiffer or lora")
     params: int = Field(description="trainable parameters of the adapter")
     sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")
