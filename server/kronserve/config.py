@@ -37,7 +37,11 @@ class Settings(BaseSettings):
         ge=1,
         description="token positions the running rows' caches may reserve (rows × (input + max_new_tokens))",
     )
-    batch_wait_ms: float = Field(default=5.0, ge=0, description="how long an idle engine waits for a burst to gather")
+    batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="how long an idle engine waits for a burst to gather (again while it grows, 10 waits at most)",
+    )
     batching: Literal["continuous", "static"] = Field(
         default="continuous",
         description="continuous: rows join and leave at every step; static: one generate() per batch (baseline)",

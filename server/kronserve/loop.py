@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .running import RunningBatch
 
 log = logging.getLogger(__name__)
+GATHER_ROUNDS = 10
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ class DecodeLoop:
                 if self._stopping:
                     break
                 idle = not self._running.members
-            if idle and self.bounds.wait_s > 0:
-                time.sleep(self.bounds.wait_s)  # an idle loop lets a burst gather, as the old batcher did
+            if idle:
+                self._gather()
             self.busy = True
             try:
                 self._turn()
@@ -128,6 +129,16 @@ class DecodeLoop:
             finally:
                 self.busy = False
         self._fail_running(RuntimeError("the engine stopped"))
+
+    def _gather(self) -> None:
+        """An idle loop lets a burst gather before admitting it: it waits `wait_s` and then again while requests
+        keep arriving, for at most `GATHER_ROUNDS` waits, so a burst sent at once is one admission pass."""
+        seen = -1
+        for _ in range(GATHER_ROUNDS):
+            if self.bounds.wait_s <= 0 or len(self._waiting) == seen:
+                return
+            seen = len(self._waiting)
+            time.sleep(self.bounds.wait_s)
 
     def _turn(self) -> None:
         self._drop_cancelled()
