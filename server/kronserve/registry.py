@@ -229,6 +229,7 @@ class Registry:
                     with self._lock:
                         del self._active[task]
                         self._retire(current.slot)
+                self._update_gauges()
                 return None
             if current is not None and (current.version, current.sha256) == (ref.version, ref.sha256):
                 return current

@@ -105,6 +105,9 @@ class RoutedLinear(nn.Module):
         return y + plan.lora_delta(self.index, x)
 
 
+_INSTALLED = (AdapterSite, RoutedNorm, RoutedLinear)
+
+
 def sublayers(model: T5ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
     """(site name, sublayer) in the bank's site order."""
     for stack_name in ("encoder", "decoder"):
@@ -124,7 +127,13 @@ def base_norms(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
 
 
 def install_sites(model: T5ForConditionalGeneration, geometry: Geometry) -> SiteRouter:
-    """Install an AdapterSite and a RoutedNorm in every sublayer, once, at start-up."""
+    """Install an AdapterSite and a RoutedNorm in every sublayer, once, at start-up.
+
+    A model that already has sites is refused: a second install would wrap the first sites, so every adapter
+    would act twice (and two routers would each need a plan)."""
+    installed = next((n for n, m in model.named_modules() if isinstance(m, _INSTALLED)), None)
+    if installed is not None:
+        raise RuntimeError(f"adapter sites are already installed in this model ({installed}): install them once")
     router = SiteRouter()
     site_index = {s: i for i, s in enumerate(geometry.all_sites())}
     norm_index = {n: i for i, n in enumerate(geometry.all_norms())}

@@ -109,7 +109,7 @@ CASES = {
     "no file part": (lambda s, d: put(s, "base", {"other": ("x", b"abc")}), 400, "bad_request"),
     "empty inputs": (lambda s, d: post(s, "predict", {"task": "base", "inputs": []}), 422, "validation_error"),
     "too many inputs": (
-        lambda s, d: post(s, "predict", {"task": "base", "inputs": ["x"] * 65}), 422, "validation_error"
+        lambda s, d: post(s, "predict", {"task": "base", "inputs": ["x"] * 65}), 422, "invalid_request"
     ),
     "mismatched targets": (
         lambda s, d: post(s, "score", {"task": "base", "inputs": ["a", "b"], "targets": ["c"]}), 422, "invalid_request"
