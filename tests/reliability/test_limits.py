@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Payload, error_code, store_check
@@ -23,6 +24,7 @@ def small(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "KRONSERVE_MAX_ADAPTERS": str(SLOTS),
         "KRONSERVE_MAX_INPUT_TOKENS": str(MAX_INPUT_TOKENS),
         "KRONSERVE_MAX_INPUTS": str(MAX_INPUTS),
+        "KRONSERVE_METRICS_MAX_TASKS": "1",
     }
     s = Server(tiny_dir, tmp_path_factory.mktemp("limits") / "store", **env).start()
     yield s
@@ -88,3 +90,16 @@ def test_max_inputs_is_the_settings_limit(small: Server, payload: Payload) -> No
         r = httpx.post(f"{small.url}/v1/{path}", json=body, timeout=TIMEOUT)
         assert r.status_code == 422 and error_code(r) == "invalid_request", r.text
         assert f"{MAX_INPUTS + 1} inputs exceed the limit of {MAX_INPUTS}" in r.json()["error"]["message"]
+
+
+def test_metrics_max_tasks_bounds_the_task_labels(small: Server, payload: Payload) -> None:
+    """KRONSERVE_METRICS_MAX_TASKS=1: the first task answered keeps its label, every later one is `__other__`."""
+    for task in ("a", "c"):
+        if httpx.get(f"{small.url}/v1/adapters/{task}", timeout=TIMEOUT).status_code == 404:
+            assert upload(small.url, task, payload(task, seed=1)).status_code == 201
+    for task in ("a", "c"):
+        r = httpx.post(f"{small.url}/v1/score", json={"task": task, "inputs": ["x"], "targets": ["y"]}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+    families = text_string_to_metric_families(httpx.get(f"{small.url}/metrics", timeout=TIMEOUT).text)
+    (requests,) = [f for f in families if f.name == "kronserve_task_requests"]
+    assert {s.labels["task"] for s in requests.samples} == {"a", "__other__"}
