@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -107,11 +107,11 @@ class Fingerprint:
 
     def check(self, other: Fingerprint) -> None:
         """Raise BackboneMismatch naming the first field where `other` (the adapter's) differs."""
-        for field in self.__dataclass_fields__:
-            mine, theirs = getattr(self, field), getattr(other, field)
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise BackboneMismatch(
-                    f"adapter was made for another backbone: {field} is {theirs!r}, this backbone has {mine!r}"
+                    f"adapter was made for another backbone: {name} is {theirs!r}, this backbone has {mine!r}"
                 )
 
 
@@ -143,6 +143,9 @@ class Backbone:
     dtype: torch.dtype
     fingerprint: Fingerprint
     source: str
+    # The served weights by their transformers names, taken before any adapter site wraps a module (the same
+    # tensors, no copy): what an import that carries backbone weights is compared with.
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,7 +168,7 @@ def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> 
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     tokenizer.padding_side = "right"  # score() shifts right-padded labels into decoder inputs
-    return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source)
+    return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source, dict(model.state_dict()))
 
 
 def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 0) -> Path:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .backbone import Fingerprint
 from .bank import AdapterBank
@@ -42,6 +42,7 @@ class Entry:
     spec: MethodSpec
     params: int
     created: int = field(default_factory=lambda: int(time.time()))  # when this process began serving it
+    base_model: str | None = None  # the training backbone the adapter's source declared (native metadata)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -52,6 +53,7 @@ class Entry:
             "params": self.params,
             "sha256": self.sha256,
             "spec": self.spec.model_dump(),
+            "base_model": self.base_model,
         }
 
 
@@ -158,7 +160,7 @@ class Registry:
         started = time.perf_counter()
         try:
             adapter = native.loads(data, self.fingerprint)
-            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            adapter = replace(adapter, task=task)
             with self._mutate:
                 entry = self._persist_and_install(adapter, data)
         except KronserveError as e:
@@ -235,7 +237,7 @@ class Registry:
                 return current
             started = time.perf_counter()
             adapter = native.loads(self.store.read(ref), self.fingerprint)
-            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            adapter = replace(adapter, task=task)
             entry = self.install(adapter, ref.version, ref.sha256)
         self.metrics.adapter_loads.labels("store").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
@@ -285,7 +287,7 @@ class Registry:
 
     def _swap(self, adapter: AdapterFile, version: int, sha256: str, slot: int) -> Entry:
         params = adapter.spec.param_count(adapter.geometry)
-        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params)
+        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params, base_model=adapter.base_model)
         with self._lock:
             old = self._active.get(adapter.task)
             self._active[adapter.task] = entry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from kronserve.engine import Engine
 from kronserve.errors import InvalidAdapter, InvalidSpec
 from kronserve.formats.adapterhub import spec_from_config
 from kronserve.formats.importers import read_source, to_adapter
+from kronserve.formats.native import dumps, loads
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "golden"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())["fixtures"]
@@ -123,6 +125,19 @@ def test_every_residual_option_is_served_as_adapterhub_computes_it_or_refused(op
     else:
         with pytest.raises(InvalidSpec, match=f"AdapterHub option {placement}="):
             spec_from_config(cfg)
+
+
+def test_the_declared_base_model_is_recorded_in_the_native_file_and_described(golden_engine: Engine) -> None:
+    """PEFT's base_model_name_or_path and AdapterHub's model_name ("backbone" in these saves) are kept."""
+    fingerprint = golden_engine.backbone.fingerprint
+    for name in ("lora", "seq_bn"):
+        adapter = to_adapter(read_source(GOLDEN / name), "x", fingerprint)
+        assert adapter.base_model == EXPECTED[name]["library_config"].get("model_name", "backbone") == "backbone"
+        assert loads(dumps(adapter), fingerprint).base_model == "backbone"
+    described = {e.task: e.describe()["base_model"] for e in golden_engine.registry.entries()}
+    assert described["lora"] == described["compacter"] == "backbone"
+    bare = replace(adapter, base_model=None)
+    assert loads(dumps(bare), fingerprint).base_model is None
 
 
 def test_compacter_saved_without_its_shared_rule_is_refused(golden_engine: Engine) -> None:

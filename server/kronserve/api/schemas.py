@@ -113,6 +113,11 @@ class AdapterInfo(BaseModel):
     params: int = Field(description="trainable parameters of the adapter")
     sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")
     spec: dict[str, Any] = Field(description="the adapter's full spec (method options, see the README)")
+    base_model: str | None = Field(
+        default=None,
+        description="the backbone an imported adapter's source declares it was trained on (PEFT "
+        "base_model_name_or_path, AdapterHub model_name); null: not declared",
+    )
 
 
 class ErrorBody(BaseModel):
