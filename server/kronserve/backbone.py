@@ -157,14 +157,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> Backbone:
-    """Load a T5 checkpoint (hub id or directory) frozen, in eval mode, on `device` in `dtype`."""
+    """Load a T5 checkpoint (hub id or directory) frozen, in eval mode, on `device` in `dtype`.
+
+    Half precision goes through transformers' own dtype handling (`from_pretrained(dtype=...)`), so the model
+    is the one transformers gives: in float16, T5's `_keep_in_fp32_modules` (the feed-forward output `wo`, where
+    real checkpoints overflow float16) stay float32. The fingerprint is always taken from a float32 load (so
+    every dtype agrees), which is then dropped: a half-precision start loads the checkpoint twice.
+    """
     if dtype not in DTYPES:
         raise KronserveError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     local = locate(source)
     model = T5.from_pretrained(source, dtype=torch.float32, local_files_only=local)
     fingerprint = fingerprint_of(model)
-    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    if DTYPES[dtype] != torch.float32:
+        del model
+        model = T5.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
+    model = model.to(device=dev).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     tokenizer.padding_side = "right"  # score() shifts right-padded labels into decoder inputs
