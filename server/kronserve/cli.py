@@ -188,8 +188,12 @@ def adapter_init(
     from .methods import init_tensors, preset
     from .t5_sites import base_norms
 
+    bb = load_backbone(backbone, device="cpu")
+    fp = bb.fingerprint
+    geometry = fp.geometry
     spec = preset(
         method,
+        geometry,
         reduction_factor=reduction_factor,
         phm_dim=phm_dim,
         rank=rank,
@@ -200,9 +204,6 @@ def adapter_init(
         targets=tuple(targets.split(",")) if targets else None,
         layer_norms=layer_norms or None,
     )
-    bb = load_backbone(backbone, device="cpu")
-    fp = bb.fingerprint
-    geometry = fp.geometry
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
     save(AdapterFile(task, spec, fp, tensors), out)

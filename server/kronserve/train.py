@@ -301,9 +301,11 @@ class TrainConfig:
             if not ok:
                 raise InvalidRequest(message)
 
-    def spec(self) -> MethodSpec:
+    def spec(self, geometry: Geometry | None = None) -> MethodSpec:
+        """The method's paper preset with these options (for `geometry`'s sizes where the preset depends on them)."""
         return preset(
             self.method,
+            geometry,
             reduction_factor=self.reduction_factor,
             phm_dim=self.phm_dim,
             rank=self.rank,
@@ -396,10 +398,11 @@ def train(
     check_task_id(task)
     if Path(out).is_dir():
         raise InvalidRequest(f"output {str(out)!r} is a directory; give the path of the .safetensors file to write")
-    spec = cfg.spec()
+    cfg.spec()  # bad options are refused before the backbone loads
     examples = read_examples(data)
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
-    session = open_session(backbone, spec, cfg)
+    session = open_session(backbone, cfg)
+    spec = session.plan.spec
     max_new = cfg.max_new_tokens or longest_target(session, examples)
     history, best, steps = fit(session, train_set, eval_set, max_new, cfg)
     fp = session.backbone.fingerprint
@@ -423,11 +426,13 @@ def train(
     )
 
 
-def open_session(source: str, spec: MethodSpec, cfg: TrainConfig) -> Session:
-    """A float32 backbone of its own (the sites install into it), frozen, with the paper-initialized adapter."""
+def open_session(source: str, cfg: TrainConfig, spec: MethodSpec | None = None) -> Session:
+    """A float32 backbone of its own (the sites install into it), frozen, with the paper-initialized adapter
+    (`spec`, else `cfg`'s preset for this backbone's sizes)."""
     backbone = load_backbone(source, device=cfg.device, dtype="float32")
     fp = backbone.fingerprint
     geometry = fp.geometry
+    spec = spec or cfg.spec(geometry)
     norms = {k: v.float().cpu() for k, v in base_norms(backbone.model).items()}
     tensors = init_tensors(spec, geometry, seed=cfg.seed, base_norms=norms)
     backbone.model.requires_grad_(False)
