@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kronserve.backbone import Backbone
+from kronserve.backbone import Backbone, load_backbone
 from kronserve.changes import ChangeFeed
 from kronserve.engine import Engine
 from kronserve.formats.native import dumps
@@ -21,9 +21,10 @@ WITHIN_S = 1.0
 
 
 @pytest.fixture
-def two(backbone: Backbone, tmp_path: Path) -> tuple[Engine, Engine]:
-    """Two engines (two processes' worth of registry and bank) over one store."""
-    return Engine(backbone, store=LocalStore(tmp_path)), Engine(backbone, store=LocalStore(tmp_path))
+def two(backbone: Backbone, tiny_dir: Path, tmp_path: Path) -> tuple[Engine, Engine]:
+    """Two engines (two processes' worth of backbone, registry and bank) over one store."""
+    other = load_backbone(str(tiny_dir), device="cpu")
+    return Engine(backbone, store=LocalStore(tmp_path)), Engine(other, store=LocalStore(tmp_path))
 
 
 @pytest.fixture
@@ -107,3 +108,18 @@ def test_publishing_never_waits_for_an_unreachable_redis(engine: Engine) -> None
         assert time.monotonic() - started < 1.0  # each Redis attempt alone may take its 2 s connect timeout
     finally:
         feed.stop()
+
+
+def test_a_refresh_that_finds_the_task_gone_updates_the_gauges(two: tuple[Engine, Engine], backbone: Backbone) -> None:
+    """kronserve_adapters_active/_resident follow a deletion learnt from the store, not only a local one."""
+    a, b = two
+    a.registry.upload("t", dumps(make_adapter(backbone, "t", "compacter", seed=1, std=0.3)))
+    b.registry.refresh("t")
+
+    def gauge(name: str) -> float | None:
+        return b.registry.metrics.registry.get_sample_value(name)
+
+    assert (gauge("kronserve_adapters_active"), gauge("kronserve_adapters_resident")) == (1, 1)
+    a.registry.delete("t")
+    assert b.registry.refresh("t") is None
+    assert (gauge("kronserve_adapters_active"), gauge("kronserve_adapters_resident")) == (0, 0)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from kronserve.api.errors import status_of
 from kronserve.config import Settings
+from kronserve.errors import InvalidRequest, RequestTimeout
 from kronserve.formats.native import dumps
 from kronserve.messages import GenerationParams
 from kronserve.service import Service
@@ -52,3 +55,37 @@ def test_a_replica_loads_its_share_serves_others_on_demand_and_deletes_what_it_c
 def test_store_failures_map_to_their_statuses() -> None:
     assert status_of(StoreConflict("a planted link")) == 409
     assert status_of(StoreError("bucket unreachable")) == 503
+
+
+def test_scheduler_and_store_settings_take_effect(tiny_dir: Path, tmp_path: Path, backbone) -> None:
+    """KRONSERVE_BATCHING, _REQUEST_TIMEOUT_S and _STORE_POLL_S reach the loop, the scheduler and the change feed."""
+    store = LocalStore(tmp_path)
+    store.activate(store.write("t", dumps(make_adapter(backbone, "t", "compacter", seed=1))))
+    settings = Settings(
+        backbone=str(tiny_dir), store=str(tmp_path), batching="static", request_timeout_s=0.05, store_poll_s=0.1
+    )
+
+    async def run() -> None:
+        service = Service(settings)
+        await service.start()
+        try:
+            await service.predict("t", ["x"], GenerationParams(max_new_tokens=2))  # static: one generate() call
+            samples = service.metrics.registry.get_sample_value
+            assert samples("kronserve_engine_seconds_count", {"kind": "generate"}) == 1
+            assert samples("kronserve_step_seconds_count") == 0  # the step loop never ran
+            with pytest.raises(InvalidRequest, match="needs KRONSERVE_BATCHING=continuous"):
+                await service.predict("t", ["x"], GenerationParams(max_new_tokens=2, temperature=0.7))
+            # 512 decode steps of even a tiny T5 take far longer than 0.05 s
+            with pytest.raises(RequestTimeout, match=r"within 0\.05 s"):
+                await service.predict("t", ["x"], GenerationParams(max_new_tokens=512, min_new_tokens=512))
+            v2 = store.write("t", dumps(make_adapter(backbone, "t", "compacter", seed=2)))
+            store.activate(v2)  # as another process would: only the poll can tell this one
+            for _ in range(100):
+                if service.engine.registry.peek("t").version == v2.version:
+                    break
+                await asyncio.sleep(0.05)
+            assert service.engine.registry.peek("t").version == v2.version
+        finally:
+            await service.stop()
+
+    asyncio.run(run())

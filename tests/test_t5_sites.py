@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kronserve.engine import Engine
 from kronserve.formats.native import AdapterFile
 from kronserve.plan import Route
+from kronserve.t5_sites import install_sites
 
 ACTS = {"gelu": F.gelu, "gelu_new": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "swish": F.silu}
 
@@ -122,3 +123,11 @@ def test_rows_without_an_adapter_add_exact_zero_even_when_the_input_overflowed(e
         delta = plan.delta(site, x, torch.randn_like(x))
     assert torch.count_nonzero(delta[1:]) == 0 and not torch.isnan(delta[1:]).any()
     assert torch.isfinite(delta[0]).all() and torch.count_nonzero(delta[0]) > 0
+
+
+def test_sites_install_once_per_model(engine: Engine) -> None:
+    """A second install would nest the sites (every adapter acting twice): refused, the model left as it was."""
+    before = [type(m).__name__ for m in engine.backbone.model.modules()]
+    with pytest.raises(RuntimeError, match="already installed"):
+        install_sites(engine.backbone.model, engine.geometry)
+    assert [type(m).__name__ for m in engine.backbone.model.modules()] == before

@@ -67,8 +67,10 @@ def trained(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainRe
     """Compacter with per-task layer norms: gradients through the Kronecker sums and the routed norms."""
     tmp = tmp_path_factory.mktemp("train")
     data = write_jsonl(tmp / "majority.jsonl", majority_task(300))
+    # lr 5e-2: the paper's init starts the shared rule at N(0, 1e-4), so on this tiny random backbone the
+    # adapter needs a larger step than the paper's 3e-3 on t5-base to leave zero within 15 epochs.
     config = TrainConfig(
-        method="compacter", layer_norms=True, epochs=15, lr=1e-2, eval_fraction=0.2, device="cpu", progress=False
+        method="compacter", layer_norms=True, epochs=15, lr=5e-2, eval_fraction=0.2, device="cpu", progress=False
     )
     return train(str(tiny_dir), data, "majority", tmp / "majority.safetensors", config)
 
@@ -99,7 +101,7 @@ def test_server_reproduces_the_trainers_held_out_predictions(trained: TrainResul
 
 
 def test_only_the_adapter_trains(tiny_dir: Path) -> None:
-    session = open_session(str(tiny_dir), preset("compacter++", layer_norms=True), TrainConfig(device="cpu"))
+    session = open_session(str(tiny_dir), TrainConfig(device="cpu"), preset("compacter++", layer_norms=True))
     model = session.backbone.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = session.plan.snapshot()

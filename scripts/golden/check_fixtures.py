@@ -20,11 +20,15 @@ AdapterHub semantics implemented here (adapters 1.3.0 on HF T5, read from its so
          layer.2 = FFN (output). leave_out holds global block ids: encoder i -> i, decoder i -> L + i.
   with x = sublayer input (residual), f = sublayer(RMSNorm(x)) (what the stock layer adds to x), and
          A(z) = scaling * up(act(down(z))):
-         is_parallel                       : out = x + f + A(x)
-         original_ln_before (Pfeiffer/SeqBn): out = x + f + A(x + f)
-         otherwise (Houlsby/DoubleSeqBn)    : out = x + f + A(f)
-         (valid for residual_before_ln=True, ln_before=ln_after=use_gating=False, scaling a float, as in all
-          fixtures; T5 passes layer_norm=None to the adapter layer, so original_ln_before/after only add x.)
+         T5 passes layer_norm=None to the adapter layer, so original_ln_before/after only add x
+         (methods/modeling.py Adapter.pre_forward / forward / post_forward, ParallelAdapter):
+         is_parallel : out = s(x) + f + A(x)        (original_ln_before, residual_before_ln ignored)
+         otherwise   : h = x + f if original_ln_before else f          (the adapter's input)
+                       r = f if residual_before_ln is True else h      ("post_add": the library fails on T5)
+                       out = s(x) + r + A(h)
+         with s(x) = x if original_ln_after else 0. So SeqBn (Pfeiffer) = x + f + A(x + f), DoubleSeqBn
+         (Houlsby) = x + f + A(f), and SeqBn with residual_before_ln=False = 2x + f + A(x + f).
+         (valid for ln_before=ln_after=use_gating=False, scaling a float, as in all fixtures.)
   dense: down(z) = z @ Wd.T + bd (adapter_down.0.weight (k, d)), up(h) = h @ Wu.T + bu (adapter_up.weight (d, k))
   PHM:   down(z) = z @ H + b with H = sum_i kron(C[i], W_left[i] @ W_right[i]), shape (in, out);
          C = shared_parameters.<name>.phm_rule (n,n,n), or bmm(phm_rule_left (n,n,1), phm_rule_right (n,1,n))
@@ -79,11 +83,12 @@ def adapterhub_modules(fdir: Path, meta: dict):
         ("ln_before", False),
         ("ln_after", False),
         ("use_gating", False),
-        ("residual_before_ln", True),
         ("cross_adapter", False),
     ):
         if cfg[k] != want:
             raise Refused(f"{k}={cfg[k]} not implemented in this reference")
+    if cfg["residual_before_ln"] not in (True, False):
+        raise Refused(f"residual_before_ln={cfg['residual_before_ln']!r}: AdapterHub's own forward fails on T5")
     rule = None
     if cfg["phm_layer"]:
         if cfg["shared_W_phm"] or not cfg["factorized_phm_W"] or not cfg["shared_phm_rule"]:
@@ -114,11 +119,12 @@ def adapterhub_modules(fdir: Path, meta: dict):
         return lambda z: up(act(down(z))) * scaling
 
     def place(x, f, A):
+        skip = x if cfg["original_ln_after"] else 0
         if cfg["is_parallel"]:
-            return x + f + A(x)
-        if cfg["original_ln_before"]:
-            return x + f + A(x + f)
-        return x + f + A(f)
+            return skip + f + A(x)
+        h = x + f if cfg["original_ln_before"] else f
+        r = f if cfg["residual_before_ln"] is True else h
+        return skip + r + A(h)
 
     def install(model):
         L = len(model.encoder.block)

@@ -114,10 +114,36 @@ ADAPTERHUB_FIXTURES = [
     ),
     ("par_bn", lambda: ParBnConfig(), False, 109),
     ("par_bn_variant", lambda: ParBnConfig(reduction_factor=8, scaling=2.0), False, 110),
+    # residual_before_ln / original_ln_after on T5 (the adapter layer gets layer_norm=None there, so
+    # original_ln_before/after only add the sublayer's residual x; f = the sublayer's output):
+    # SeqBn with residual_before_ln=False and original_ln_after=False (AdapterPlus' residual choice):
+    # x + f + A(x + f), the Pfeiffer form.
+    (
+        "seq_bn_residual_after_add",
+        lambda: SeqBnConfig(residual_before_ln=False, original_ln_after=False),
+        False,
+        111,
+    ),
+    # Houlsby with residual_before_ln=False: without original_ln_before the residual is f either way.
+    ("double_seq_bn_residual_false", lambda: DoubleSeqBnConfig(residual_before_ln=False), False, 112),
+    # ParBn ignores original_ln_before and residual_before_ln (ParallelAdapter.pre_forward).
+    (
+        "par_bn_ln_options",
+        lambda: ParBnConfig(original_ln_before=True, residual_before_ln=False),
+        False,
+        113,
+    ),
+    # SeqBn with residual_before_ln=False keeps original_ln_after=True: x is added twice,
+    # 2x + f + A(x + f). Saved with the library's numbers; kronserve refuses it (KRONSERVE_REFUSES).
+    ("seq_bn_residual_twice", lambda: SeqBnConfig(residual_before_ln=False), False, 115),
     # Extra: gelu (erf) vs gelu_new (tanh) moves the default-size fixtures' summed loglik by < 1e-4 only;
     # this one (larger noise, scaling 8) moves it by ~1.2e-3 (~1.3e-3 per token), so that mix-up is caught.
     ("compacter_gelu_probe", lambda: CompacterConfig(reduction_factor=8, scaling=8.0), False, 114, 0.5),
 ]
+
+# Fixtures whose numbers are AdapterHub's own but that kronserve refuses by name (fixture -> the option the
+# refusal names); the tests check the refusal, check_fixtures.py the numbers.
+KRONSERVE_REFUSES = {"seq_bn_residual_twice": "residual_before_ln"}
 
 PEFT_FIXTURES = [
     (
@@ -494,6 +520,44 @@ def adapterhub_special_compacters(out: Path, tok, entries: dict, compacter_model
     }
 
 
+def adapterhub_post_add_fails(out: Path, entries: dict):
+    """residual_before_ln="post_add" is accepted by the config and saved, but AdapterHub's own forward fails on
+    T5 (Adapter.pre_forward only sets the residual for "post_add" when the layer passes a layer_norm, which
+    T5's layers never do). Saved so the refusal can be tested; the failure is asserted here."""
+    name = "seq_bn_post_add"
+    log(f"[adapterhub] {name}")
+    model = load_backbone()
+    adapters.init(model)
+    model.add_adapter(name, config=SeqBnConfig(residual_before_ln="post_add"))
+    model.set_active_adapters(name)
+    model.eval()
+    d = out / name
+    model.save_adapter(str(d), name)
+    ids = torch.tensor([[5, 6, 1]])
+    try:
+        model(input_ids=ids, labels=ids)
+    except UnboundLocalError as e:
+        error = f"{type(e).__name__}: {e}"
+    else:
+        raise SystemExit(f"{name}: AdapterHub's forward no longer fails on T5; serve it instead of refusing it")
+    wfile = d / ADAPTERHUB_WEIGHTS
+    entries[name] = {
+        "dir": name,
+        "format": "adapterhub",
+        "adapterhub_config_class": "SeqBnConfig",
+        "weights_file": wfile.name,
+        "provenance": f"AdapterHub adapters {adapters.__version__} save_adapter(); the library's forward on T5 "
+        f"raises {error}",
+        "expect_refusal": True,
+        "kronserve_refuses": "residual_before_ln",
+        "library_config": read_json(d / "adapter_config.json"),
+        "keys": tensor_keys(wfile),
+        "dtypes": tensor_dtypes(wfile),
+        **head_info(d, model),
+        "cases": None,
+    }
+
+
 def peft_fixture(out: Path, tok, name: str, cfg_factory, seed: int, std: float, entries: dict):
     log(f"[peft] {name}")
     base = load_backbone()
@@ -570,6 +634,9 @@ def main():
         if name == "compacter":
             compacter_model = m
     adapterhub_special_compacters(out, tok, entries, compacter_model)
+    for name, option in KRONSERVE_REFUSES.items():
+        entries[name]["kronserve_refuses"] = option
+    adapterhub_post_add_fails(out, entries)
     for name, factory, seed, std in PEFT_FIXTURES:
         peft_fixture(out, tok, name, factory, seed, std, entries)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -107,11 +107,11 @@ class Fingerprint:
 
     def check(self, other: Fingerprint) -> None:
         """Raise BackboneMismatch naming the first field where `other` (the adapter's) differs."""
-        for field in self.__dataclass_fields__:
-            mine, theirs = getattr(self, field), getattr(other, field)
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise BackboneMismatch(
-                    f"adapter was made for another backbone: {field} is {theirs!r}, this backbone has {mine!r}"
+                    f"adapter was made for another backbone: {name} is {theirs!r}, this backbone has {mine!r}"
                 )
 
 
@@ -143,6 +143,9 @@ class Backbone:
     dtype: torch.dtype
     fingerprint: Fingerprint
     source: str
+    # The served weights by their transformers names, taken before any adapter site wraps a module (the same
+    # tensors, no copy): what an import that carries backbone weights is compared with.
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -154,18 +157,27 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_backbone(source: str, device: str = "auto", dtype: str = "float32") -> Backbone:
-    """Load a T5 checkpoint (hub id or directory) frozen, in eval mode, on `device` in `dtype`."""
+    """Load a T5 checkpoint (hub id or directory) frozen, in eval mode, on `device` in `dtype`.
+
+    Half precision goes through transformers' own dtype handling (`from_pretrained(dtype=...)`), so the model
+    is the one transformers gives: in float16, T5's `_keep_in_fp32_modules` (the feed-forward output `wo`, where
+    real checkpoints overflow float16) stay float32. The fingerprint is always taken from a float32 load (so
+    every dtype agrees), which is then dropped: a half-precision start loads the checkpoint twice.
+    """
     if dtype not in DTYPES:
         raise KronserveError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     local = locate(source)
     model = T5.from_pretrained(source, dtype=torch.float32, local_files_only=local)
     fingerprint = fingerprint_of(model)
-    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    if DTYPES[dtype] != torch.float32:
+        del model
+        model = T5.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
+    model = model.to(device=dev).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     tokenizer.padding_side = "right"  # score() shifts right-padded labels into decoder inputs
-    return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source)
+    return Backbone(model, tokenizer, dev, DTYPES[dtype], fingerprint, source, dict(model.state_dict()))
 
 
 def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 0) -> Path:

@@ -188,8 +188,12 @@ def adapter_init(
     from .methods import init_tensors, preset
     from .t5_sites import base_norms
 
+    bb = load_backbone(backbone, device="cpu")
+    fp = bb.fingerprint
+    geometry = fp.geometry
     spec = preset(
         method,
+        geometry,
         reduction_factor=reduction_factor,
         phm_dim=phm_dim,
         rank=rank,
@@ -200,9 +204,6 @@ def adapter_init(
         targets=tuple(targets.split(",")) if targets else None,
         layer_norms=layer_norms or None,
     )
-    bb = load_backbone(backbone, device="cpu")
-    fp = bb.fingerprint
-    geometry = fp.geometry
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
     save(AdapterFile(task, spec, fp, tensors), out)
@@ -300,10 +301,12 @@ def import_adapter(
     from .formats.importers import read_source, to_adapter
     from .formats.native import save
 
-    fingerprint = load_backbone(backbone, device="cpu").fingerprint
-    adapter = to_adapter(read_source(src), task or src.stem.lower(), fingerprint)
+    served = load_backbone(backbone, device="cpu")
+    adapter = to_adapter(read_source(src), task or src.stem.lower(), served.fingerprint, True, served.weights)
     save(adapter, out)
-    typer.echo(json.dumps(_describe(adapter.spec, adapter.geometry, adapter.task)))
+    typer.echo(
+        json.dumps({**_describe(adapter.spec, adapter.geometry, adapter.task), "base_model": adapter.base_model})
+    )
 
 
 @adapter_app.command("inspect")
@@ -312,7 +315,12 @@ def adapter_inspect(file: Annotated[Path, typer.Argument(exists=True, dir_okay=F
     from .formats.native import load
 
     a = load(file)
-    typer.echo(json.dumps({**_describe(a.spec, a.geometry, a.task), "backbone": a.fingerprint.as_dict()}, indent=2))
+    described = {
+        **_describe(a.spec, a.geometry, a.task),
+        "backbone": a.fingerprint.as_dict(),
+        "base_model": a.base_model,
+    }
+    typer.echo(json.dumps(described, indent=2))
 
 
 def _describe(spec, geometry, task: str) -> dict[str, object]:  # type: ignore[no-untyped-def]

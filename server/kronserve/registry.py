@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .backbone import Fingerprint
 from .bank import AdapterBank
@@ -41,6 +41,7 @@ class Entry:
     slot: int
     spec: MethodSpec
     params: int
+    base_model: str | None = None  # the training backbone the adapter's source declared (native metadata)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -50,6 +51,7 @@ class Entry:
             "params": self.params,
             "sha256": self.sha256,
             "spec": self.spec.model_dump(),
+            "base_model": self.base_model,
         }
 
 
@@ -156,7 +158,7 @@ class Registry:
         started = time.perf_counter()
         try:
             adapter = native.loads(data, self.fingerprint)
-            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            adapter = replace(adapter, task=task)
             with self._mutate:
                 entry = self._persist_and_install(adapter, data)
         except KronserveError as e:
@@ -227,12 +229,13 @@ class Registry:
                     with self._lock:
                         del self._active[task]
                         self._retire(current.slot)
+                self._update_gauges()
                 return None
             if current is not None and (current.version, current.sha256) == (ref.version, ref.sha256):
                 return current
             started = time.perf_counter()
             adapter = native.loads(self.store.read(ref), self.fingerprint)
-            adapter = AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            adapter = replace(adapter, task=task)
             entry = self.install(adapter, ref.version, ref.sha256)
         self.metrics.adapter_loads.labels("store").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
@@ -282,7 +285,7 @@ class Registry:
 
     def _swap(self, adapter: AdapterFile, version: int, sha256: str, slot: int) -> Entry:
         params = adapter.spec.param_count(adapter.geometry)
-        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params)
+        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params, base_model=adapter.base_model)
         with self._lock:
             old = self._active.get(adapter.task)
             self._active[adapter.task] = entry

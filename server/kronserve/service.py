@@ -247,7 +247,8 @@ class Service:
         if len(parts) == 1 and is_native(data := next(iter(parts.values()))):
             return registry.upload(task, data)
         try:
-            adapter = to_adapter(parts, task, registry.fingerprint, self.settings.accept_pickle)
+            weights = self.engine.backbone.weights
+            adapter = to_adapter(parts, task, registry.fingerprint, self.settings.accept_pickle, weights)
         except KronserveError as e:
             registry.metrics.adapter_load_failures.labels("upload", e.code).inc()
             raise

@@ -46,9 +46,13 @@ class SiteRouter:
 
 
 class AdapterSite(nn.Module):
-    def __init__(self, index: int, router: SiteRouter, dropout: nn.Module) -> None:
+    """`f + A(...)`: the adapter runs in the backbone's dtype (`dtype`, the bank's), whatever dtype its inputs
+    arrive in (a float16 T5 keeps `wo`, hence the residual stream after a feed-forward, in float32); the sum
+    takes the sublayer output's dtype, as the stock layer's own sum does."""
+
+    def __init__(self, index: int, router: SiteRouter, dropout: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.index, self.router, self.dropout = index, router, dropout
+        self.index, self.router, self.dropout, self.dtype = index, router, dropout, dtype
         self._residual: torch.Tensor | None = None
 
     def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -60,7 +64,7 @@ class AdapterSite(nn.Module):
         plan = self.router.plan
         if plan is None or not plan.acts_at(self.index):
             return f
-        return f + plan.delta(self.index, x, f)
+        return f + plan.delta(self.index, x.to(self.dtype), f.to(self.dtype))
 
 
 class RoutedNorm(nn.Module):
@@ -87,11 +91,13 @@ class RoutedNorm(nn.Module):
 
 
 class RoutedLinear(nn.Module):
-    """A frozen projection plus each row's LoRA update (PEFT's `x Wᵀ + s·(x Aᵀ)Bᵀ`), when a row has one."""
+    """A frozen projection plus each row's LoRA update (PEFT's `x Wᵀ + s·(x Aᵀ)Bᵀ`), when a row has one; the
+    update is computed in the backbone's dtype (`dtype`) and added in the projection's (float32 for a float16
+    T5's `wo`)."""
 
-    def __init__(self, index: int, router: SiteRouter, inner: nn.Linear) -> None:
+    def __init__(self, index: int, router: SiteRouter, inner: nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
-        self.index, self.router, self.inner = index, router, inner
+        self.index, self.router, self.inner, self.dtype = index, router, inner, dtype
 
     @property
     def weight(self) -> nn.Parameter:  # T5DenseActDense reads `wo.weight.dtype`
@@ -102,7 +108,10 @@ class RoutedLinear(nn.Module):
         plan = self.router.plan
         if plan is None or not plan.lora_acts_at(self.index):
             return y
-        return y + plan.lora_delta(self.index, x)
+        return y + plan.lora_delta(self.index, x.to(self.dtype))
+
+
+_INSTALLED = (AdapterSite, RoutedNorm, RoutedLinear)
 
 
 def sublayers(model: T5ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
@@ -124,25 +133,34 @@ def base_norms(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
 
 
 def install_sites(model: T5ForConditionalGeneration, geometry: Geometry) -> SiteRouter:
-    """Install an AdapterSite and a RoutedNorm in every sublayer, once, at start-up."""
+    """Install an AdapterSite and a RoutedNorm in every sublayer, once, at start-up.
+
+    A model that already has sites is refused: a second install would wrap the first sites, so every adapter
+    would act twice (and two routers would each need a plan)."""
+    installed = next((n for n, m in model.named_modules() if isinstance(m, _INSTALLED)), None)
+    if installed is not None:
+        raise RuntimeError(f"adapter sites are already installed in this model ({installed}): install them once")
     router = SiteRouter()
+    dtype = model.shared.weight.dtype  # the backbone's dtype (the bank's): no module keeps the embedding in float32
     site_index = {s: i for i, s in enumerate(geometry.all_sites())}
     norm_index = {n: i for i, n in enumerate(geometry.all_norms())}
     for name, layer in sublayers(model):
         if not (hasattr(layer, "dropout") and hasattr(layer, "layer_norm")):
             raise RuntimeError(f"T5 sublayer {name} has no dropout/layer_norm: unsupported transformers layout")
-        site = AdapterSite(site_index[name], router, layer.dropout)
+        site = AdapterSite(site_index[name], router, layer.dropout, dtype)
         layer.dropout = site
         layer.register_forward_pre_hook(site.capture, with_kwargs=True)
         layer.layer_norm = RoutedNorm(norm_index[f"layer_norm.{name}"], router, layer.layer_norm)
     for stack in ("encoder", "decoder"):
         s = getattr(model, stack)
         s.final_layer_norm = RoutedNorm(norm_index[f"layer_norm.{stack}.final"], router, s.final_layer_norm)
-    _install_linears(model, geometry, router)
+    _install_linears(model, geometry, router, dtype)
     return router
 
 
-def _install_linears(model: T5ForConditionalGeneration, geometry: Geometry, router: SiteRouter) -> None:
+def _install_linears(
+    model: T5ForConditionalGeneration, geometry: Geometry, router: SiteRouter, dtype: torch.dtype
+) -> None:
     """Wrap every projection LoRA can target (q, k, v, o of each attention; wi, wo of each feed-forward)."""
     linear_index = {name: i for i, name in enumerate(geometry.all_linears())}
     for name, layer in sublayers(model):
@@ -153,4 +171,5 @@ def _install_linears(model: T5ForConditionalGeneration, geometry: Geometry, rout
             kinds = ("q", "k", "v", "o")
         for kind in kinds:
             if isinstance(getattr(owner, kind, None), nn.Linear):  # gated T5 v1.1 has wi_0/wi_1: no `wi` target
-                setattr(owner, kind, RoutedLinear(linear_index[f"{name}.{kind}"], router, getattr(owner, kind)))
+                linear = RoutedLinear(linear_index[f"{name}.{kind}"], router, getattr(owner, kind), dtype)
+                setattr(owner, kind, linear)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,19 @@ def other_backbone_adapter(other_tiny_dir: Path) -> bytes:
     return dumps(make_adapter(load_backbone(str(other_tiny_dir), device="cpu"), "base", "compacter", seed=3))
 
 
+def other_backbone_paper_checkpoint(other_tiny_dir: Path) -> bytes:
+    """A paper whole-model checkpoint (here one backbone tensor and one adapter tensor, within the upload limit)
+    whose frozen backbone weights are another backbone's of the same shape."""
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    state = {
+        q: load_backbone(str(other_tiny_dir), device="cpu").weights[q].clone(),
+        "encoder.block.0.layer.1.adapter_controller.adapters.base.down_sampler.b": torch.zeros(4),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 def wrong_shape_adapter(tiny_dir: Path) -> bytes:
     good = dumps(make_adapter(load_backbone(str(tiny_dir), device="cpu"), "base", "compacter", seed=3))
     (n,) = struct.unpack("<Q", good[:8])
@@ -104,12 +118,15 @@ CASES = {
     "corrupt bytes": (lambda s, d: put(s, "base", file_part(b"\x80\x04garbage" * 50)), 415, "unsupported_format"),
     "wrong shapes": (lambda s, d: put(s, "base", file_part(d["wrong_shape"])), 422, "invalid_adapter"),
     "another backbone": (lambda s, d: put(s, "base", file_part(d["other"])), 422, "backbone_mismatch"),
+    "paper checkpoint of another backbone": (
+        lambda s, d: put(s, "base", {"file": ("pytorch_model.bin", d["other_paper"])}), 422, "backbone_mismatch"
+    ),
     "nan weights": (lambda s, d: put(s, "base", file_part(d["nan"])), 422, "invalid_adapter"),
     "empty part": (lambda s, d: put(s, "base", file_part(b"")), 422, "invalid_adapter"),
     "no file part": (lambda s, d: put(s, "base", {"other": ("x", b"abc")}), 400, "bad_request"),
     "empty inputs": (lambda s, d: post(s, "predict", {"task": "base", "inputs": []}), 422, "validation_error"),
     "too many inputs": (
-        lambda s, d: post(s, "predict", {"task": "base", "inputs": ["x"] * 65}), 422, "validation_error"
+        lambda s, d: post(s, "predict", {"task": "base", "inputs": ["x"] * 65}), 422, "invalid_request"
     ),
     "mismatched targets": (
         lambda s, d: post(s, "score", {"task": "base", "inputs": ["a", "b"], "targets": ["c"]}), 422, "invalid_request"
@@ -129,6 +146,7 @@ def payloads(tiny_dir: Path, other_tiny_dir: Path, adapter_bytes) -> dict[str, b
         "good": adapter_bytes("base", seed=8),
         "nan": nan_adapter(tiny_dir),
         "other": other_backbone_adapter(other_tiny_dir),
+        "other_paper": other_backbone_paper_checkpoint(other_tiny_dir),
         "wrong_shape": wrong_shape_adapter(tiny_dir),
     }
 

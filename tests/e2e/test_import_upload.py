@@ -37,6 +37,8 @@ def test_uploaded_directory_scores_like_the_library(golden_server: Server, name:
     assert scores == pytest.approx([c["loglik"] for c in cases], abs=1e-3)
     stored = list((golden_server.store / task).glob("v*.safetensors"))
     assert len(stored) == 1 and stored[0].read_bytes()[8:9] == b"{"  # kept as a native file
+    described = httpx.get(f"{golden_server.url}/v1/adapters/{task}", timeout=30).json()
+    assert described["base_model"] == "backbone"  # what the library's save declared
 
 
 def test_missing_rule_and_unsupported_option_are_refused(golden_server: Server) -> None:

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kronserve.backbone import load_backbone
 from kronserve.engine import Engine
-from kronserve.errors import InvalidAdapter
+from kronserve.errors import InvalidAdapter, InvalidSpec
+from kronserve.formats.adapterhub import spec_from_config
 from kronserve.formats.importers import read_source, to_adapter
+from kronserve.formats.native import dumps, loads
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "golden"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())["fixtures"]
-IMPORTABLE = [n for n, f in EXPECTED.items() if f["format"] in ("adapterhub", "peft") and not f.get("expect_refusal")]
+IMPORTABLE = [
+    n
+    for n, f in EXPECTED.items()
+    if f["format"] in ("adapterhub", "peft") and not f.get("expect_refusal") and not f.get("kronserve_refuses")
+]
+# Saved by the library, refused by kronserve naming this option (with the library's numbers when it has any).
+REFUSED = {n: f["kronserve_refuses"] for n, f in EXPECTED.items() if f.get("kronserve_refuses")}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +84,60 @@ def test_imported_specs_carry_the_library_options(golden_engine: Engine) -> None
     assert spec["par-bn"].placement == "parallel" and spec["par-bn"].scaling == 4.0
     assert spec["lora-variant"].rslora and spec["lora-variant"].scale == 8.0
     assert spec["lora"].targets == ("q", "v")
+    # residual_before_ln / original_ln_after as AdapterHub computes them on T5 (see _placement):
+    assert spec["seq-bn-residual-after-add"].placement == "pfeiffer"
+    assert spec["double-seq-bn-residual-false"].placement == "houlsby"
+    assert spec["par-bn-ln-options"].placement == "parallel"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_a_placement_kronserve_does_not_serve_is_refused_by_its_option(golden_engine: Engine, name: str) -> None:
+    """seq_bn_residual_twice: AdapterHub computes 2x + f + A(x + f) (its numbers are in expected.json and
+    check_fixtures.py reproduces them); seq_bn_post_add: AdapterHub's own forward fails on T5."""
+    with pytest.raises(InvalidSpec, match=f"AdapterHub option {REFUSED[name]}="):
+        to_adapter(read_source(GOLDEN / EXPECTED[name]["dir"]), "x", golden_engine.backbone.fingerprint)
+
+
+@pytest.mark.parametrize(
+    ("options", "placement"),
+    [
+        ({"original_ln_before": True, "residual_before_ln": True, "original_ln_after": True}, "pfeiffer"),
+        ({"original_ln_before": True, "residual_before_ln": False, "original_ln_after": False}, "pfeiffer"),
+        ({"original_ln_before": False, "residual_before_ln": False, "original_ln_after": True}, "houlsby"),
+        ({"original_ln_before": False, "residual_before_ln": True, "original_ln_after": True}, "houlsby"),
+        ({"is_parallel": True, "original_ln_before": True, "residual_before_ln": False}, "parallel"),
+        ({"original_ln_before": True, "residual_before_ln": False, "original_ln_after": True}, "residual_before_ln"),
+        ({"original_ln_before": True, "residual_before_ln": "post_add"}, "residual_before_ln"),
+        ({"original_ln_before": False, "residual_before_ln": "post_add"}, "residual_before_ln"),
+        ({"original_ln_before": True, "residual_before_ln": 1}, "residual_before_ln"),
+        ({"original_ln_before": True, "residual_before_ln": True, "original_ln_after": False}, "original_ln_after"),
+        ({"original_ln_before": False, "original_ln_after": False}, "original_ln_after"),
+        ({"is_parallel": True, "original_ln_after": False}, "original_ln_after"),
+    ],
+)
+def test_every_residual_option_is_served_as_adapterhub_computes_it_or_refused(options, placement) -> None:
+    """Each combination against AdapterHub's T5 forward as written in check_fixtures.py's docstring (adapters
+    1.3.0 `methods/modeling.py`): the served ones have a golden fixture above or equal one by the formula."""
+    cfg = json.loads((GOLDEN / "seq_bn" / "adapter_config.json").read_text())
+    cfg["config"] = {**cfg["config"], **options}
+    if placement in ("pfeiffer", "houlsby", "parallel"):
+        assert spec_from_config(cfg).placement == placement
+    else:
+        with pytest.raises(InvalidSpec, match=f"AdapterHub option {placement}="):
+            spec_from_config(cfg)
+
+
+def test_the_declared_base_model_is_recorded_in_the_native_file_and_described(golden_engine: Engine) -> None:
+    """PEFT's base_model_name_or_path and AdapterHub's model_name ("backbone" in these saves) are kept."""
+    fingerprint = golden_engine.backbone.fingerprint
+    for name in ("lora", "seq_bn"):
+        adapter = to_adapter(read_source(GOLDEN / name), "x", fingerprint)
+        assert adapter.base_model == EXPECTED[name]["library_config"].get("model_name", "backbone") == "backbone"
+        assert loads(dumps(adapter), fingerprint).base_model == "backbone"
+    described = {e.task: e.describe()["base_model"] for e in golden_engine.registry.entries()}
+    assert described["lora"] == described["compacter"] == "backbone"
+    bare = replace(adapter, base_model=None)
+    assert loads(dumps(bare), fingerprint).base_model is None
 
 
 def test_compacter_saved_without_its_shared_rule_is_refused(golden_engine: Engine) -> None:

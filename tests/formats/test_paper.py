@@ -7,20 +7,23 @@ from a known adapter; the test checks the import recovers that adapter's spec, t
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
 
+from kronserve.backbone import load_backbone
 from kronserve.engine import Engine
-from kronserve.errors import InvalidAdapter
+from kronserve.errors import BackboneMismatch, InvalidAdapter
 from kronserve.formats.importers import to_adapter
 from kronserve.formats.native import AdapterFile
+from kronserve.formats.paper import check_backbone
 
 SITE_LAYER = {"encoder": {"mh": 0, "ffn": 1}, "decoder": {"mh": 0, "ffn": 2}}
 
 
 def paper_state(engine: Engine, adapter, task: str) -> dict[str, torch.Tensor]:
-    state = {k: v.clone() for k, v in engine.backbone.model.state_dict().items() if "inner" not in k}
+    state = {k: v.clone() for k, v in engine.backbone.weights.items()}  # the whole frozen model, as the paper saves it
     for key, t in adapter.tensors.items():
         if key.startswith("layer_norm."):
             _, stack, *rest = key.split(".")
@@ -47,7 +50,8 @@ def test_paper_checkpoint_imports_adapters_rule_and_layer_norms(engine: Engine, 
     original = adapter_for("rte", method, seed=3, std=0.2, layer_norms=True, activation="gelu_new")
     buf = io.BytesIO()
     torch.save(paper_state(engine, original, "rte"), buf)
-    imported = to_adapter({"pytorch_model.bin": buf.getvalue()}, "rte", engine.backbone.fingerprint)
+    bb = engine.backbone
+    imported = to_adapter({"pytorch_model.bin": buf.getvalue()}, "rte", bb.fingerprint, True, bb.weights)
     assert imported.spec == original.spec
     assert imported.tensors.keys() == original.tensors.keys()
     assert all(torch.equal(imported.tensors[k], v) for k, v in original.tensors.items())
@@ -65,3 +69,28 @@ def test_paper_checkpoint_with_two_tasks_needs_a_name(engine: Engine, adapter_fo
     with pytest.raises(InvalidAdapter, match=r"tasks \['mrpc', 'rte'\]"):
         to_adapter({"pytorch_model.bin": buf.getvalue()}, "other", engine.backbone.fingerprint)
     assert to_adapter({"pytorch_model.bin": buf.getvalue()}, "mrpc", engine.backbone.fingerprint).task == "mrpc"
+
+
+def test_a_checkpoint_trained_on_another_backbone_is_refused(engine: Engine, adapter_for, other_tiny_dir) -> None:
+    """The checkpoint carries its frozen backbone: same shapes, other weights is proof of another backbone."""
+    state = paper_state(engine, adapter_for("rte", "compacter", seed=1), "rte")
+    other = load_backbone(str(other_tiny_dir), device="cpu").weights
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert check_backbone(state, engine.backbone.weights) == len(
+        [k for k in state if "adapter_controller" not in k and "layer_norm" not in k]
+    )
+    buf = io.BytesIO()
+    torch.save(state | {q: other[q]}, buf)
+    with pytest.raises(BackboneMismatch, match=re.escape(f"its {q} differs")):
+        to_adapter(
+            {"pytorch_model.bin": buf.getvalue()}, "rte", engine.backbone.fingerprint, True, engine.backbone.weights
+        )
+
+
+def test_the_same_backbone_served_in_half_precision_is_the_same_backbone(engine: Engine, adapter_for, tiny_dir) -> None:
+    state = paper_state(engine, adapter_for("rte", "compacter", seed=1), "rte")  # float32 weights
+    served = load_backbone(str(tiny_dir), device="cpu", dtype="bfloat16").weights
+    assert check_backbone(state, served) > 0
+    nudged = state["shared.weight"] * (1 + 2 * torch.finfo(torch.bfloat16).eps)
+    with pytest.raises(BackboneMismatch, match=r"shared\.weight"):
+        check_backbone(state | {"shared.weight": nudged}, served)

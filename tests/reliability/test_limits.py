@@ -10,16 +10,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Payload, error_code, store_check
 
-SLOTS, MAX_INPUT_TOKENS = 3, 16
+SLOTS, MAX_INPUT_TOKENS, MAX_INPUTS = 3, 16, 70  # MAX_INPUTS above the default 64 the schema once hard-coded
 
 
 @pytest.fixture(scope="module")
 def small(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"KRONSERVE_MAX_ADAPTERS": str(SLOTS), "KRONSERVE_MAX_INPUT_TOKENS": str(MAX_INPUT_TOKENS)}
+    env = {
+        "KRONSERVE_MAX_ADAPTERS": str(SLOTS),
+        "KRONSERVE_MAX_INPUT_TOKENS": str(MAX_INPUT_TOKENS),
+        "KRONSERVE_MAX_INPUTS": str(MAX_INPUTS),
+        "KRONSERVE_METRICS_MAX_TASKS": "1",
+    }
     s = Server(tiny_dir, tmp_path_factory.mktemp("limits") / "store", **env).start()
     yield s
     s.stop()
@@ -68,3 +74,32 @@ def test_inputs_over_the_token_limit_are_refused_not_truncated(small: Server, pa
         body = {"task": "a", "inputs": ["short"], "targets": [long]}
         r = httpx.post(f"{small.url}/v1/score", json=body, timeout=TIMEOUT)
         assert r.status_code == 422 and error_code(r) == "invalid_request", r.text
+
+
+def test_max_inputs_is_the_settings_limit(small: Server, payload: Payload) -> None:
+    """KRONSERVE_MAX_INPUTS decides, in both directions: 70 inputs are scored, 71 refused by name."""
+    if httpx.get(f"{small.url}/v1/adapters/a", timeout=TIMEOUT).status_code == 404:
+        assert upload(small.url, "a", payload("a", seed=1)).status_code == 201
+    body = {"task": "a", "inputs": [f"n {i}" for i in range(MAX_INPUTS)], "targets": ["t"] * MAX_INPUTS}
+    r = httpx.post(f"{small.url}/v1/score", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200 and len(r.json()["scores"]) == MAX_INPUTS, r.text
+    for path in ("score", "predict"):
+        body = {"task": "a", "inputs": ["x"] * (MAX_INPUTS + 1), "targets": ["t"] * (MAX_INPUTS + 1)}
+        if path == "predict":
+            del body["targets"]
+        r = httpx.post(f"{small.url}/v1/{path}", json=body, timeout=TIMEOUT)
+        assert r.status_code == 422 and error_code(r) == "invalid_request", r.text
+        assert f"{MAX_INPUTS + 1} inputs exceed the limit of {MAX_INPUTS}" in r.json()["error"]["message"]
+
+
+def test_metrics_max_tasks_bounds_the_task_labels(small: Server, payload: Payload) -> None:
+    """KRONSERVE_METRICS_MAX_TASKS=1: the first task answered keeps its label, every later one is `__other__`."""
+    for task in ("a", "c"):
+        if httpx.get(f"{small.url}/v1/adapters/{task}", timeout=TIMEOUT).status_code == 404:
+            assert upload(small.url, task, payload(task, seed=1)).status_code == 201
+    for task in ("a", "c"):
+        r = httpx.post(f"{small.url}/v1/score", json={"task": task, "inputs": ["x"], "targets": ["y"]}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+    families = text_string_to_metric_families(httpx.get(f"{small.url}/metrics", timeout=TIMEOUT).text)
+    (requests,) = [f for f in families if f.name == "kronserve_task_requests"]
+    assert {s.labels["task"] for s in requests.samples} == {"a", "__other__"}

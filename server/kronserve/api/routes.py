@@ -197,7 +197,7 @@ async def metrics(backend: BackendDep) -> Response:
 
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.1
+DISCONNECT_POLL_S = 0.5  # a poll costs event-loop time per request in flight; a leaver is noticed within this
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

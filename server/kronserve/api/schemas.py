@@ -56,9 +56,7 @@ class PredictRequest(_Strict):
     )
 
     task: TaskId
-    inputs: list[str] = Field(
-        min_length=1, max_length=64, description="texts, one output each (at most the server's max_inputs)"
-    )
+    inputs: list[str] = Field(min_length=1, description="texts, one output each (at most the server's max_inputs)")
     max_new_tokens: int = Field(default=32, ge=1, description="unset: 32, or the server's limit if lower")
     min_new_tokens: int = Field(default=0, ge=0, description="suppress end-of-sequence before this many tokens")
     num_beams: int = Field(default=1, ge=1, description="beam search width; 1: greedy (at most the server's max_beams)")
@@ -95,8 +93,8 @@ class ScoreRequest(_Strict):
     )
 
     task: TaskId
-    inputs: list[str] = Field(min_length=1, max_length=64, description="texts the targets are conditioned on")
-    targets: list[str] = Field(min_length=1, max_length=64, description="one per input, paired by position")
+    inputs: list[str] = Field(min_length=1, description="texts the targets are conditioned on (at most max_inputs)")
+    targets: list[str] = Field(min_length=1, description="one per input, paired by position")
 
 
 class ScoreResponse(BaseModel):
@@ -114,6 +112,11 @@ class AdapterInfo(BaseModel):
     params: int = Field(description="trainable parameters of the adapter")
     sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")
     spec: dict[str, Any] = Field(description="the adapter's full spec (method options, see the README)")
+    base_model: str | None = Field(
+        default=None,
+        description="the backbone an imported adapter's source declares it was trained on (PEFT "
+        "base_model_name_or_path, AdapterHub model_name); null: not declared",
+    )
 
 
 class ErrorBody(BaseModel):

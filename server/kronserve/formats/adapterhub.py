@@ -31,7 +31,6 @@ _MUST_BE = {
     "ln_after": False,
     "use_gating": False,
     "shared_W_phm": False,
-    "original_ln_after": True,
 }
 _MUST_BE_EMPTY = ("inv_adapter",)
 
@@ -140,9 +139,45 @@ def _add_zero_biases(out: dict[str, torch.Tensor]) -> None:
 
 
 def _placement(c: dict[str, Any]) -> str:
+    """The native placement computing what AdapterHub computes on T5, or InvalidSpec naming the option.
+
+    On T5 the adapter layer gets `layer_norm=None` (adapters `models/t5/modeling_t5.py`), so with x the
+    sublayer's input and f its output, `Adapter.pre_forward`/`forward`/`post_forward` (`methods/modeling.py`)
+    give `h = x + f if original_ln_before else f`, `r = f if residual_before_ln is True else h`,
+    `out = A(h) + r + (x if original_ln_after else 0)`; `ParallelAdapter` gives `A(x) + f + (x if …)`.
+    """
+    after = bool(c.get("original_ln_after", True))
     if c.get("is_parallel"):
-        return "parallel"
-    return "pfeiffer" if c.get("original_ln_before") else "houlsby"
+        if not after:
+            raise InvalidSpec(_NO_RESIDUAL.format(form="f + A(x)"))
+        return "parallel"  # ParallelAdapter ignores original_ln_before and residual_before_ln
+    residual = c.get("residual_before_ln", True)
+    if residual is not True and residual is not False:
+        raise InvalidSpec(
+            f"AdapterHub option residual_before_ln={residual!r} is not supported: AdapterHub's own forward fails "
+            "with it on T5 (it only sets that residual when the layer passes a layer norm, which T5's never do)"
+        )
+    if not c.get("original_ln_before", False):
+        if not after:
+            raise InvalidSpec(_NO_RESIDUAL.format(form="f + A(f)"))
+        return "houlsby"  # the residual is f whatever residual_before_ln says
+    if residual and after:
+        return "pfeiffer"  # f + A(x + f) + x
+    if not residual and not after:
+        return "pfeiffer"  # (x + f) + A(x + f): AdapterPlus' choice
+    if not residual:
+        raise InvalidSpec(
+            "AdapterHub option residual_before_ln=False with original_ln_before=True and original_ln_after=True is "
+            "not supported: on T5 AdapterHub then adds the sublayer's input twice (out = 2x + f + A(x + f)), a "
+            "placement kronserve does not serve"
+        )
+    raise InvalidSpec(_NO_RESIDUAL.format(form="f + A(x + f)"))
+
+
+_NO_RESIDUAL = (
+    "AdapterHub option original_ln_after=False is not supported with these options: AdapterHub then drops the "
+    "sublayer's residual x on T5 (out = {form}), a placement kronserve does not serve"
+)
 
 
 def _sites(c: dict[str, Any]) -> tuple[str, ...]:

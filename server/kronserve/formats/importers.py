@@ -10,7 +10,10 @@ native spec + tensors and nothing else; the result is checked like any native fi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..backbone import Fingerprint
 from ..errors import BadRequest, UnsupportedFormat
@@ -31,8 +34,19 @@ def read_source(src: str | Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in files}
 
 
-def to_adapter(parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool = True) -> AdapterFile:
-    """Detect the format of `parts` (base name -> bytes) and return it as a validated native adapter for `task`."""
+def to_adapter(
+    parts: dict[str, bytes],
+    task: str,
+    fingerprint: Fingerprint,
+    allow_pickle: bool = True,
+    backbone_weights: dict[str, torch.Tensor] | None = None,
+) -> AdapterFile:
+    """Detect the format of `parts` (base name -> bytes) and return it as a validated native adapter for `task`.
+
+    A source that proves its backbone (the paper's checkpoint carries its weights) is compared with
+    `backbone_weights` (the serving backbone's, by transformers name) and refused on a mismatch; a source that
+    only declares it (PEFT, AdapterHub) has the declared name recorded as the native file's `base_model`.
+    """
     parts = {Path(name).name: data for name, data in parts.items() if Path(name).name not in IGNORED}
     if not parts:
         raise BadRequest("no adapter files in the upload")
@@ -46,20 +60,21 @@ def to_adapter(parts: dict[str, bytes], task: str, fingerprint: Fingerprint, all
     if len(parts) == 1:
         name, data = next(iter(parts.items()))
         if name.endswith((".bin", ".pt", ".pth")):
-            return _from_paper(load_weights(data, name, allow_pickle), task, fingerprint)
-        adapter = native.loads(data, fingerprint)
-        return AdapterFile(task, adapter.spec, adapter.fingerprint, adapter.tensors)
+            return _from_paper(load_weights(data, name, allow_pickle), task, fingerprint, backbone_weights)
+        return replace(native.loads(data, fingerprint), task=task)
     raise BadRequest(
         f"cannot tell the format of files {sorted(parts)}: send one native .safetensors file or a "
         "saved adapter directory with its adapter_config.json"
     )
 
 
-def _from_paper(state: dict, task: str, fingerprint: Fingerprint) -> AdapterFile:
+def _from_paper(state: dict, task: str, fingerprint: Fingerprint, backbone_weights: dict | None) -> AdapterFile:
     if not paper.is_paper_checkpoint(state):
         raise UnsupportedFormat(
             "a lone .bin file that is not a Compacter paper checkpoint (no adapter_controller keys)"
         )
+    if backbone_weights is not None:
+        paper.check_backbone(state, backbone_weights)
     names = {k.split(".adapters.")[1].split(".")[0] for k in state if ".adapter_controller.adapters." in k}
     spec, tensors = paper.import_paper(state, fingerprint.geometry, task if task in names else None)
     return _checked(task, spec, fingerprint, tensors)
@@ -70,7 +85,7 @@ def _from_peft(
 ) -> AdapterFile:
     state = _weights(parts, PEFT_WEIGHTS, "PEFT", allow_pickle)
     spec, tensors = peft.import_lora(cfg, state, fingerprint.geometry)
-    return _checked(task, spec, fingerprint, tensors)
+    return _checked(task, spec, fingerprint, tensors, _declared(cfg.get("base_model_name_or_path")))
 
 
 def _from_adapterhub(
@@ -78,7 +93,8 @@ def _from_adapterhub(
 ) -> AdapterFile:
     spec = adapterhub.spec_from_config(cfg)
     state = _weights(parts, ADAPTERHUB_WEIGHTS, "AdapterHub", allow_pickle)
-    return _checked(task, spec, fingerprint, adapterhub.tensors_from_state(spec, cfg, state))
+    tensors = adapterhub.tensors_from_state(spec, cfg, state)
+    return _checked(task, spec, fingerprint, tensors, _declared(cfg.get("model_name")))
 
 
 def _weights(parts: dict[str, bytes], names: tuple[str, ...], source: str, allow_pickle: bool) -> dict:
@@ -89,6 +105,15 @@ def _weights(parts: dict[str, bytes], names: tuple[str, ...], source: str, allow
     return load_weights(parts[name], name, allow_pickle)
 
 
-def _checked(task: str, spec: MethodSpec, fingerprint: Fingerprint, tensors: dict) -> AdapterFile:
+def _declared(name: object) -> str | None:
+    """A declared base model worth recording: a non-empty string (longer ones are cut to the file's limit)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return name.strip()[: native.MAX_BASE_MODEL]
+
+
+def _checked(
+    task: str, spec: MethodSpec, fingerprint: Fingerprint, tensors: dict, base_model: str | None = None
+) -> AdapterFile:
     """An imported adapter, validated exactly as a native file is."""
-    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors))
+    return AdapterFile(task, spec, fingerprint, native.check_tensors(spec, fingerprint.geometry, tensors), base_model)

@@ -1,7 +1,9 @@
 """The native adapter file (`format_version` 1): one safetensors file, self-describing.
 
 Metadata (all strings, as safetensors requires): `format` = "kronserve-adapter", `format_version`,
-`task`, `spec` (JSON of the method spec), `backbone` (JSON of the backbone fingerprint). Tensors are
+`task`, `spec` (JSON of the method spec), `backbone` (JSON of the backbone fingerprint), and optionally
+`base_model`: the backbone an imported adapter's source declares it was trained on (PEFT's
+`base_model_name_or_path`, AdapterHub's `model_name`), kept as a record; the fingerprint is what is checked. Tensors are
 named as `MethodSpec.tensor_shapes` says. Everything is checked before anything is served, and refusing
 is cheap: the header's length is bounded by what any adapter for the backbone needs, and every tensor's
 name, shape and dtype is checked from the header before a byte of tensor data is read.
@@ -33,6 +35,7 @@ NATIVE_PROBE_HEADER = 1024 * 1024  # `is_native` parses no more (a t5-xxl adapte
 # A header bound per backbone: metadata (spec, fingerprint: a few KB) + per tensor its entry (~100 bytes), for
 # at most 16 tensors per site, 2 per projection, one per norm and a few shared: a sane writer stays far below.
 _HEADER_BASE, _HEADER_PER_TENSOR = 64 * 1024, 160
+MAX_BASE_MODEL = 1024  # characters of a declared base model (a hub id or a path)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class AdapterFile:
     spec: MethodSpec
     fingerprint: Fingerprint
     tensors: dict[str, torch.Tensor]
+    base_model: str | None = None  # the declared training backbone of an imported adapter, if its source says
 
     @property
     def geometry(self) -> Geometry:
@@ -57,6 +61,8 @@ def dumps(adapter: AdapterFile) -> bytes:
         "spec": adapter.spec.model_dump_json(),
         "backbone": json.dumps(adapter.fingerprint.as_dict(), sort_keys=True),
     }
+    if adapter.base_model is not None:
+        metadata["base_model"] = adapter.base_model
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(adapter.tensors.items())}
     return safetensors.torch.save(tensors, metadata=metadata)
 
@@ -86,8 +92,8 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own SafetensorError for any malformed body
         raise InvalidAdapter(f"not a readable safetensors file: {e}") from e
-    adapter = AdapterFile(str(metadata["task"]), spec, fingerprint, tensors)
-    return AdapterFile(adapter.task, spec, fingerprint, check_tensors(spec, adapter.geometry, tensors))
+    tensors = check_tensors(spec, fingerprint.geometry, tensors)
+    return AdapterFile(str(metadata["task"]), spec, fingerprint, tensors, _base_model(metadata))
 
 
 def is_native(data: bytes) -> bool:
@@ -123,6 +129,13 @@ def _metadata(header: dict) -> dict[str, str]:
     if not metadata.get("task"):
         raise InvalidAdapter("metadata 'task' is missing")
     return metadata
+
+
+def _base_model(metadata: dict[str, str]) -> str | None:
+    base = metadata.get("base_model")
+    if base is not None and not 0 < len(base) <= MAX_BASE_MODEL:
+        raise InvalidAdapter(f"metadata 'base_model' must be 1 to {MAX_BASE_MODEL} characters")
+    return base
 
 
 def header_limit(geometry: Geometry) -> int:

@@ -5,6 +5,7 @@ One task's adapters are at `{encoder|decoder}.block.{i}.layer.{j}.adapter_contro
 modules; the trained T5 layer norms are the checkpoint's own `...layer_norm.weight` and
 `{encoder|decoder}.final_layer_norm.weight`. The file carries no config, so the spec is read from the
 shapes (n, rank, bottleneck, sites); the paper's code applies the adapter as `x + f + A(f)` with gelu_new.
+It does carry the frozen backbone it was trained on: `check_backbone` compares it with the serving one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 import torch
 
-from ..errors import InvalidAdapter
+from ..errors import BackboneMismatch, InvalidAdapter
 from ..methods import Geometry, MethodSpec, parse_spec
 
 _ADAPTER = re.compile(
@@ -56,6 +57,31 @@ def import_paper(
         tensors |= {leaf: v[0] for leaf, v in rules.items()}
     tensors |= _layer_norms(state)
     return _spec(tensors, geometry, shared, activation), tensors
+
+
+def check_backbone(state: dict[str, torch.Tensor], served: dict[str, torch.Tensor]) -> int:
+    """BackboneMismatch naming the first frozen backbone tensor of the checkpoint that is not the served one.
+
+    Adapters and the per-task layer norms are the task's own; every other tensor the served backbone also has
+    must hold the same values, up to the rounding of the coarser of the two dtypes (a float16 server of the
+    same float32 weights agrees; another backbone differs everywhere). Returns how many tensors were compared.
+    """
+    compared = 0
+    for key, theirs in state.items():
+        ours = served.get(key)
+        if ours is None or _ADAPTER.match(key) or _NORM.match(key) or not theirs.is_floating_point():
+            continue
+        if theirs.shape != ours.shape or not _same_values(theirs, ours):
+            raise BackboneMismatch(
+                f"the checkpoint was trained on another backbone: its {key} differs from the serving backbone's"
+            )
+        compared += 1
+    return compared
+
+
+def _same_values(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    eps = max(torch.finfo(theirs.dtype).eps, torch.finfo(ours.dtype).eps)
+    return torch.allclose(theirs.float().to(ours.device), ours.float(), rtol=eps, atol=1e-6)
 
 
 def _task_name(state: dict[str, torch.Tensor], name: str | None) -> str:

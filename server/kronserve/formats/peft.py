@@ -2,8 +2,14 @@
 
 Keys on T5: `base_model.model.{encoder|decoder}.block.{i}.layer.{j}.{SelfAttention|EncDecAttention|
 DenseReluDense}.{q|k|v|o|wi|wo}.lora_{A|B}.weight`. The native spec's targets and leave_out are read from
-the keys present (so regex `target_modules` and `layers_to_transform` need no re-implementation); options
-kronserve cannot honour are refused by name.
+the keys present (so regex `target_modules` and `layers_to_transform` need no re-implementation).
+
+The config is read as an allow-list: every field PEFT 0.21's `LoraConfig` writes (peft `tuners/lora/config.py`,
+`config.py` `PeftConfig`) is either neutral (it never changes the computation once trained: bookkeeping,
+dropout, what to target, how to initialise plain LoRA) or must hold the one value that is plain LoRA
+(`_PLAIN`). A field kronserve does not know is refused by name unless it is off in PEFT's own convention
+(null, false or empty: how every LoRA variant and extra is disabled), so a newer PEFT's save of a plain
+adapter still loads.
 """
 
 from __future__ import annotations
@@ -22,8 +28,65 @@ _KEY = re.compile(
     r"(?:SelfAttention|EncDecAttention|DenseReluDense)\.(?P<proj>q|k|v|o|wi|wo)\.lora_(?P<ab>A|B)(?:\.default)?\.weight$"
 )
 _SITE = {"encoder": {0: "mh", 1: "ffn"}, "decoder": {0: "mh", 1: "cross", 2: "ffn"}}
-_MUST_BE = {"use_dora": False, "fan_in_fan_out": False}
-_MUST_BE_EMPTY = ("modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication")
+# init_lora_weights values whose factors act on the unmodified base weights. PiSSA, OLoRA, CorDA, LoRA-GA and
+# LoftQ rewrite the base weights at init (a save converted with `path_initial_model_for_weight_conversion` says
+# `true`); "mica" is a LoRA variant.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_OFF = (None, False, {}, [], "")
+# field -> the values that are plain LoRA (every other value is refused by name).
+_PLAIN: dict[str, tuple[Any, ...]] = {
+    "peft_type": ("LORA",),
+    "use_rslora": (True, False),
+    "task_type": (None, "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"),
+    "init_lora_weights": _PLAIN_INITS,
+    "bias": ("none",),
+    "fan_in_fan_out": (False,),
+    "use_dora": (False,),
+    "use_qalora": (False,),
+    "lora_bias": (False,),
+    "modules_to_save": _OFF,
+    "rank_pattern": _OFF,
+    "alpha_pattern": _OFF,
+    "layer_replication": _OFF,
+    "megatron_config": _OFF,
+    "trainable_token_indices": _OFF,
+    "target_parameters": _OFF,
+    "alora_invocation_tokens": _OFF,
+    "use_bdlora": _OFF,
+    "arrow_config": _OFF,
+    "kasa_config": _OFF,
+    "velora_config": _OFF,
+    "monteclora_config": _OFF,
+    "enable_lora": _OFF,  # PEFT <= 0.2 (GPT-2's merged c_attn)
+}
+# Fields that never change the served function: read elsewhere (r, lora_alpha, use_rslora, the targets,
+# through the keys), bookkeeping, training-only (dropout, runtime, weight tying of modules_to_save), or the
+# settings of an init method that init_lora_weights does not select (or that leaves the base unmodified).
+_NEUTRAL = frozenset(
+    {
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "lora_dropout",
+        "runtime_config",
+        "ensure_weight_tying",
+        "megatron_core",
+        "qalora_group_size",
+        "eva_config",
+        "corda_config",
+        "loftq_config",
+        "lora_ga_config",
+        "merge_weights",  # PEFT <= 0.2: merge at eval, same function
+    }
+)
 
 
 def is_peft_config(cfg: dict[str, Any]) -> bool:
@@ -58,7 +121,7 @@ def import_lora(cfg: dict[str, Any], state: dict[str, torch.Tensor], geometry: G
             "rank": cfg.get("r", 8),
             "alpha": cfg.get("lora_alpha", 8),
             "targets": tuple(t for t in ("q", "k", "v", "o", "wi", "wo") if t in targets),
-            "rslora": bool(cfg.get("use_rslora", False)),
+            "rslora": cfg.get("use_rslora", False),
             "leave_out": tuple(i for i in range(total) if i not in kinds_by_layer),
         }
     )
@@ -67,13 +130,40 @@ def import_lora(cfg: dict[str, Any], state: dict[str, torch.Tensor], geometry: G
 
 
 def _check_options(cfg: dict[str, Any]) -> None:
+    """InvalidSpec naming the first field whose value is not plain LoRA, or that kronserve does not know."""
     if cfg.get("peft_type") != "LORA":
         raise InvalidSpec(f"PEFT peft_type={cfg.get('peft_type')!r} is not supported (LORA only)")
-    for option, needed in _MUST_BE.items():
-        if bool(cfg.get(option, needed)) != needed:
-            raise InvalidSpec(f"PEFT option {option}={cfg[option]!r} is not supported (kronserve needs {needed})")
-    if cfg.get("bias", "none") != "none":
-        raise InvalidSpec(f"PEFT option bias={cfg['bias']!r} is not supported (kronserve needs 'none')")
-    for option in _MUST_BE_EMPTY:
-        if cfg.get(option):
-            raise InvalidSpec(f"PEFT option {option}={cfg[option]!r} is not supported")
+    for option, value in cfg.items():
+        if option in _NEUTRAL:
+            continue
+        allowed = _PLAIN.get(option)
+        if allowed is None:
+            if _is_off(value):
+                continue
+            raise InvalidSpec(
+                f"PEFT option {option}={value!r} is unknown to kronserve, so it may change what the adapter "
+                "computes: refused (plain LoRA only)"
+            )
+        if not any(_same(value, a) for a in allowed):
+            raise InvalidSpec(f"PEFT option {option}={value!r} is not plain LoRA: {_why(option, allowed)}")
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """Equal and of the same kind (JSON `1` is not `true`, `0` is not `false`)."""
+    return type(value) is type(allowed) and value == allowed
+
+
+def _is_off(value: Any) -> bool:
+    return any(_same(value, off) for off in _OFF)
+
+
+def _why(option: str, allowed: tuple[Any, ...]) -> str:
+    if option == "init_lora_weights":
+        return (
+            f"kronserve serves init_lora_weights in {list(allowed)}; PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ factors are "
+            "relative to a modified base model (save with path_initial_model_for_weight_conversion to convert "
+            "them to plain LoRA)"
+        )
+    if allowed is _OFF:
+        return "kronserve needs it unset"
+    return f"kronserve needs {' or '.join(repr(a) for a in allowed)}"

@@ -16,6 +16,7 @@ from .bottleneck import BottleneckSpec
 from .lora import LoraSpec
 from .phm import PHMSpec
 
+PAPER_PHM_DIM = 12  # PHM-Adapter's n in the paper's configs (see preset)
 _COMPACTER = dict(placement="houlsby", reduction_factor=32, activation="gelu_new", phm_dim=4, rank=1)
 
 METHODS: dict[str, tuple[type[MethodSpec], dict[str, Any]]] = {
@@ -37,13 +38,25 @@ AnySpec = Annotated[PHMSpec | BottleneckSpec | LoraSpec, Field(discriminator="me
 _SPEC_ADAPTER: TypeAdapter[MethodSpec] = TypeAdapter(AnySpec)
 
 
-def preset(method: str, **overrides: Any) -> MethodSpec:
-    """The paper's configuration of `method`, with `overrides` (None values ignored)."""
+def preset(method: str, geometry: Geometry | None = None, **overrides: Any) -> MethodSpec:
+    """The paper's configuration of `method`, with `overrides` (None values ignored).
+
+    With the backbone's `geometry`, the PHM-Adapter takes the paper's n = 12 (rabeehk/compacter
+    `seq2seq/configs/phm_adapters.json`, hypercomplex_division 12) where 12 divides d_model and the bottleneck,
+    else the largest n below it that does (t5-base: 12; t5-small at reduction 32: 8).
+    """
     if method not in METHODS:
         raise InvalidSpec(f"unknown method {method!r}; known: {sorted(METHODS)}")
     cls, defaults = METHODS[method]
     fields = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    if method == "phm" and overrides.get("phm_dim") is None and geometry is not None:
+        fields["phm_dim"] = _paper_phm_dim(geometry.d_model, fields["reduction_factor"])
     return parse_spec({"method": method, **fields}, cls=cls)
+
+
+def _paper_phm_dim(d_model: int, reduction_factor: int) -> int:
+    bottleneck = max(d_model // reduction_factor, 1)
+    return next(n for n in range(PAPER_PHM_DIM, 0, -1) if d_model % n == 0 and bottleneck % n == 0)
 
 
 def parse_spec(data: dict[str, Any], cls: type[MethodSpec] | None = None) -> MethodSpec:

@@ -12,8 +12,6 @@ import torch
 
 from .base import AdapterSpec, DenseAdapter, Geometry
 
-INIT_STD = 0.01  # Houlsby et al.: near-identity init from a zero-mean Gaussian, std 1e-2; biases zero
-
 
 class BottleneckSpec(AdapterSpec):
     family = "bottleneck"
@@ -25,10 +23,15 @@ class BottleneckSpec(AdapterSpec):
         return {"down.weight": (k, d), "down.bias": (k,), "up.weight": (d, k), "up.bias": (d,)}
 
     def init_site(self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return {
-            name: torch.zeros(shape) if name.endswith("bias") else torch.randn(shape, generator=gen) * INIT_STD
-            for name, shape in shapes.items()
-        }
+        """As the Compacter paper's code (rabeehk/compacter, seq2seq/adapters/adapter_modeling.py `Adapter`): its
+        down and up are plain `nn.Linear`s that T5PreTrainedModel._init_weights leaves alone, so weight and bias
+        keep torch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform_ with a=sqrt(5))."""
+        fan_in = {"down": shapes["down.weight"][1], "up": shapes["up.weight"][1]}
+        out = {}
+        for name, shape in shapes.items():
+            bound = fan_in[name.split(".")[0]] ** -0.5
+            out[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        return out
 
     def dense(self, tensors: dict[str, torch.Tensor], site: str) -> DenseAdapter:
         p = f"{site}."

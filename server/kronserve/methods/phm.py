@@ -16,7 +16,15 @@ from pydantic import Field
 from ..errors import InvalidSpec
 from .base import AdapterSpec, DenseAdapter, Geometry
 
-PHM_RULE_STD = 0.01  # the paper's phm_init_range; W factors are glorot-uniform, biases zero
+# Initialization as the Compacter paper's code (rabeehk/compacter, seq2seq/), with its configs/compacter.json:
+# - a shared rule (Compacter, Compacter++) ~ N(0, phm_init_range), phm_init_range = 0.0001
+#   (third_party/models/t5/modeling_t5.py, T5ForConditionalGeneration.__init__, phm_c_init "normal");
+# - a per-layer rule (PHM-Adapter) ~ N(0, 0.01) (hypercomplex/layers.py, PHMLinear.reset_parameters);
+# - each W_i, or each factor W_left_i / W_right_i, xavier_uniform_ with gain sqrt(2) (hypercomplex/inits.py
+#   glorot_uniform, hypercomplex_nonlinearity "glorot-uniform"); biases zero (PHMLinear.reset_parameters).
+SHARED_RULE_STD = 1e-4
+LAYER_RULE_STD = 0.01
+W_GAIN = 2**0.5
 
 
 def phm_matrix(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -66,10 +74,10 @@ class PHMSpec(AdapterSpec):
         return shapes
 
     def init_shared(self, geometry: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return {name: _init(name, shape, gen) for name, shape in self.shared_shapes(geometry).items()}
+        return {name: _init(name, shape, gen, SHARED_RULE_STD) for name, shape in self.shared_shapes(geometry).items()}
 
     def init_site(self, shapes: dict[str, tuple[int, ...]], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return {name: _init(name, shape, gen) for name, shape in shapes.items()}
+        return {name: _init(name, shape, gen, LAYER_RULE_STD) for name, shape in shapes.items()}
 
     def dense(self, tensors: dict[str, torch.Tensor], site: str) -> DenseAdapter:
         down_w, down_b = self._projection(tensors, site, "down")
@@ -87,13 +95,13 @@ class PHMSpec(AdapterSpec):
         return phm_matrix(rule, w), t[f"{p}b"]
 
 
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Paper init: rule ~ N(0, 0.01), each W_i (or factor) glorot-uniform, bias zero."""
+def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, rule_std: float) -> torch.Tensor:
+    """The paper's init (see the constants): rule ~ N(0, rule_std), each W_i slice glorot-uniform with gain
+    sqrt(2) (bound = gain * sqrt(6 / (rows + cols)) of the 2-D slice), bias zero."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "b":
         return torch.zeros(shape)
     if leaf.startswith("phm_rule"):
-        return torch.randn(shape, generator=gen) * PHM_RULE_STD
-    fan_in, fan_out = shape[1], shape[2]
-    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        return torch.randn(shape, generator=gen) * rule_std
+    bound = W_GAIN * (6.0 / (shape[1] + shape[2])) ** 0.5
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound
