@@ -166,7 +166,7 @@ class Engine:
         slots = [input_slots[i] for i in index.tolist()]
         encoder_mask = enc["attention_mask"][index]
         start = torch.full((len(slots), 1), self.vocab.start, dtype=torch.long, device=hidden.device)
-        batch = RunningBatch(empty_cache(), torch.ones_like(start), encoder_mask, start[:, 0], slots)
+        batch = RunningBatch(empty_cache(), torch.ones_like(start), encoder_mask, start[:, 0], slots, hidden.dtype)
         with self._routed_slots(slots):
             out = self.backbone.model(
                 encoder_outputs=(hidden[index],),
@@ -180,7 +180,7 @@ class Engine:
     def step(self, batch: RunningBatch) -> torch.Tensor:
         """One decoder step for every running row (each through its own adapter); returns logits [R, V]."""
         decoder_mask = F.pad(batch.decoder_mask, (0, 1), value=1)  # [R, T+1]: the new token is every row's own
-        stub = torch.zeros((), dtype=self.backbone.dtype, device=self.backbone.device)
+        stub = torch.zeros((), dtype=batch.encoder_dtype, device=self.backbone.device)
         encoder_states = stub.expand(batch.rows, batch.encoder_mask.shape[1], self.geometry.d_model)  # K/V cached
         with self._routed_slots(batch.slots):
             out = self.backbone.model(

@@ -24,6 +24,7 @@ class RunningBatch:
     encoder_mask: torch.Tensor  # [R, S] long: 1 on the row's input tokens, 0 on right padding
     next_tokens: torch.Tensor  # [R] long: each row's decoder input at the next step
     slots: list[int]  # [R] bank slot of each row (-1: bare backbone)
+    encoder_dtype: torch.dtype  # of the encoder's output (float32 under a float16 T5 whose `wo` stays float32)
 
     @property
     def rows(self) -> int:
