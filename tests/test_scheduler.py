@@ -357,3 +357,32 @@ def test_a_sequence_whose_token_choice_fails_fails_alone(engine: Engine, tasks, 
     assert isinstance(failed, RuntimeError)
     assert answered == [[alone(engine, t, "fine", fine)] for t in tasks[1:4]]
     assert engine.registry._refs.total() == 0
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [{"rows": 2}, {"cached_tokens": 60}, {"pass_tokens": 20}],
+    ids=["max_batch_rows", "max_cached_tokens", "max_batch_tokens"],
+)
+def test_admission_stops_at_each_bound(engine: Engine, tasks, bound: dict) -> None:
+    """Three 2-row requests (each 2 × (9 input + 12 new) = 42 cached positions, 18 input tokens): under any one of
+    the bounds one admission takes one request (the running bounds also keep the second out until the first leaves),
+    and every request is still answered correctly."""
+    admitted: list[int] = []
+    original = engine.prefill
+    engine.prefill = lambda inputs, *a: (admitted.append(len(inputs)), original(inputs, *a))[1]  # type: ignore
+    p = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+
+    async def run():
+        s = make(engine, wait_s=0.05, **bound)
+        s.start()
+        out = await asyncio.gather(*(ask(s, tasks[i], ["12345678", "abcdefgh"], p) for i in range(3)))
+        await s.drain_and_stop()
+        return out, s.metrics
+
+    out, metrics = asyncio.run(run())
+    assert admitted == [2, 2, 2]  # one request per admission: the bound kept the others waiting
+    if "pass_tokens" not in bound:  # the running bounds: the second joins only once the first has left
+        sample = metrics.registry.get_sample_value
+        assert sample("kronserve_step_rows_sum") == 2 * sample("kronserve_step_rows_count")
+    assert out == [[alone(engine, tasks[i], x, p) for x in ("12345678", "abcdefgh")] for i in range(3)]
