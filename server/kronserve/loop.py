@@ -22,7 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -389,45 +391,46 @@ class DecodeLoop:
 
     # ---- score passes and the static baseline -----------------------------------------------------
     def _score(self, jobs: list[Job]) -> None:
-        started = time.perf_counter()
-        self._observe_pass(jobs, started)
-        try:
-            slots = [j.slot for j in jobs for _ in j.inputs]
-            inputs = [ids for j in jobs for ids in j.inputs]
-            targets = [ids for j in jobs for ids in (j.targets or [])]
-            scores = self.engine.score_ids(slots, inputs, targets)
-        except Exception as e:
-            for job in jobs:
-                self._finish_error(job, e)
-            return
-        self.metrics.engine_time.labels("score").observe(time.perf_counter() - started)
-        start = 0
-        for job in jobs:
-            self._finish(job, scores[start : start + len(job.inputs)])
-            start += len(job.inputs)
+        targets = [ids for j in jobs for ids in (j.targets or [])]
+        self._whole_pass(
+            jobs, "score", lambda slots, inputs: self.engine.score_ids(slots, inputs, targets), self._finish
+        )
 
     def _run_static(self, jobs: list[Job]) -> None:
         """The baseline: the whole batch in one HF `generate()`; nothing joins until it ends."""
         if not jobs:
             return
-        started = time.perf_counter()
-        self._observe_pass(jobs, started)
         p = jobs[0].params
         assert p is not None
-        try:
+
+        def generate(slots: list[int], inputs: list[list[int]]) -> list[list[int]]:
             if p.sampling:
                 raise InvalidRequest("sampling (temperature > 0) needs KRONSERVE_BATCHING=continuous")
-            slots = [j.slot for j in jobs for _ in j.inputs]
-            inputs = [ids for j in jobs for ids in j.inputs]
-            ids = self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)
+            return self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)
+
+        self._whole_pass(jobs, "generate", generate, self._answer)
+
+    def _whole_pass(
+        self,
+        jobs: list[Job],
+        kind: str,
+        compute: Callable[[list[int], list[list[int]]], list[Any]],
+        deliver: Callable[[Job, list[Any]], None],
+    ) -> None:
+        """One forward computation over every input of `jobs` (slots, token ids -> a value per input); each job
+        gets its own values, or, if the pass fails, the error."""
+        started = time.perf_counter()
+        self._observe_pass(jobs, started)
+        try:
+            values = compute([j.slot for j in jobs for _ in j.inputs], [ids for j in jobs for ids in j.inputs])
         except Exception as e:
             for job in jobs:
                 self._finish_error(job, e)
             return
-        self.metrics.engine_time.labels("generate").observe(time.perf_counter() - started)
+        self.metrics.engine_time.labels(kind).observe(time.perf_counter() - started)
         start = 0
         for job in jobs:
-            self._answer(job, ids[start : start + len(job.inputs)])
+            deliver(job, values[start : start + len(job.inputs)])
             start += len(job.inputs)
 
     def _observe_pass(self, jobs: list[Job], started: float) -> None:
