@@ -94,7 +94,9 @@ async def completions(body: CompletionRequest, backend: BackendDep, request: Req
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidRequest("prompt must not be empty", "prompt")
-    params = _params(backend, body, body.max_tokens, {"max_new_tokens": "max_tokens"})
+    # OpenAI's default of 16, capped by the server's limit when the client did not ask for it.
+    max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else min(16, backend.settings.max_new_tokens)
+    params = _params(backend, body, max_tokens, {"max_new_tokens": "max_tokens"})
     _check_limits(backend, prompts)
     reply = _Reply("cmpl", "text_completion", body.model)
     if body.stream:
