@@ -91,7 +91,7 @@ def test_zero_up_projection_leaves_the_backbone_bit_identical(engine: Engine, ad
     dec = torch.zeros(5, 1, dtype=torch.long)
     with torch.no_grad():
         expect = bare.model(**enc, decoder_input_ids=dec).logits
-    with engine.registry.lease(tasks) as entries, engine._routed(entries):
+    with engine.registry.lease(tasks) as entries, engine._routed_slots(engine.registry.slots_of(entries)):
         got = engine.backbone.model(**enc, decoder_input_ids=dec).logits
     assert torch.equal(got, expect)
     gen = engine.generate(tasks, inputs[:5], max_new_tokens=8, min_new_tokens=8).token_ids

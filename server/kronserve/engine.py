@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -223,9 +223,6 @@ class Engine:
     def _padded(self, inputs: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         ids, mask = _pad(inputs, self.pad_id)
         return {"input_ids": ids.to(self.backbone.device), "attention_mask": mask.to(self.backbone.device)}
-
-    def _routed(self, entries: Sequence[Entry | None]) -> AbstractContextManager[None]:
-        return self._routed_slots(Registry.slots_of(entries))
 
     @contextmanager
     def _routed_slots(self, slots: Sequence[int]) -> Iterator[None]:

@@ -69,9 +69,13 @@ class Job:
     @property
     def reserved(self) -> int:
         """Cached token positions it may hold at its longest: rows × (input + new tokens)."""
+        return sum(self.reserved_by(i) for i in range(len(self.inputs)))
+
+    def reserved_by(self, index: int) -> int:
+        """Cached token positions input `index` may hold at its longest (its beams count one row each)."""
         new = self.params.max_new_tokens if self.params else 0
         beams = self.params.num_beams if self.params else 1
-        return sum(beams * (len(ids) + new) for ids in self.inputs)
+        return beams * (len(self.inputs[index]) + new)
 
     def take_lease(self) -> bool:
         """True exactly once: the caller then releases the entry."""

@@ -221,7 +221,7 @@ class DecodeLoop:
         assert job.params is not None
         p = job.params
         seq = BeamSequence(p, self.engine.vocab) if p.num_beams > 1 else Sequence(p, self.engine.vocab, self.device)
-        return _Member(job, index, seq, seq.rows * (len(job.inputs[index]) + p.max_new_tokens))
+        return _Member(job, index, seq, job.reserved_by(index))
 
     def _merge(self, batch: RunningBatch, members: list[_Member]) -> None:
         running = self._running
