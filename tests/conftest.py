@@ -72,6 +72,13 @@ def engine(backbone: Backbone) -> Engine:
 MakeAdapter = Callable[..., AdapterFile]
 
 
+def held_slots(engine: Engine, tasks: list[str | None]) -> list[int]:
+    """Device slots of `tasks`' active versions, held until the test ends (lower-level tests call the engine's
+    passes with slots directly, as the step loop does after admission)."""
+    entries = engine.registry.acquire(tasks)
+    return engine.hold(entries, [None if e is None else engine.registry.fetch(e) for e in entries])
+
+
 def make_adapter(
     bb: Backbone, task: str, method: str, seed: int = 0, std: float | None = 0.3, **overrides
 ) -> AdapterFile:

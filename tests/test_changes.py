@@ -92,7 +92,7 @@ def test_tasks_a_process_does_not_hold_stay_unloaded(
     a.registry.upload("other", dumps(make_adapter(backbone, "other", "pfeiffer", seed=1, std=0.3)))
     feed_a.publish("other")
     time.sleep(0.5)
-    assert b.registry.peek("other") is None and b.bank.loaded() == 0
+    assert b.registry.peek("other") is None and b.registry.resident() == 0
 
 
 def test_publishing_never_waits_for_an_unreachable_redis(engine: Engine) -> None:

@@ -15,7 +15,7 @@ from kronserve.decoding import BeamSequence, Sequence, Vocabulary, greedy_tokens
 from kronserve.engine import Engine
 from kronserve.messages import GenerationParams
 
-from .conftest import make_adapter
+from .conftest import held_slots, make_adapter
 
 VOCAB = Vocabulary(size=5, eos=1, start=0)
 
@@ -84,7 +84,7 @@ def test_wide_logits_never_produce_an_undecodable_id(wide_dir: Path, method: str
     for n in (1, 2, 4):
         out = engine.generate(["t", None], ["ab", "some longer input"], max_new_tokens=n, num_beams=2)
         assert all(i < 384 for row in out.token_ids for i in row)
-    slot = engine.registry.get("t").slot
+    (slot,) = held_slots(engine, ["t"])
     pre = engine.prefill(engine.tokenize(["ab"]), [slot], [2])
     beam = BeamSequence(GenerationParams(max_new_tokens=3, num_beams=2), engine.vocab)
     beam.choose(pre.logits.clone())

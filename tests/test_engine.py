@@ -91,7 +91,7 @@ def test_zero_up_projection_leaves_the_backbone_bit_identical(engine: Engine, ad
     dec = torch.zeros(5, 1, dtype=torch.long)
     with torch.no_grad():
         expect = bare.model(**enc, decoder_input_ids=dec).logits
-    with engine.registry.lease(tasks) as entries, engine._routed_slots(engine.registry.slots_of(entries)):
+    with engine.resident(tasks) as (_, slots), engine._routed_slots(slots):
         got = engine.backbone.model(**enc, decoder_input_ids=dec).logits
     assert torch.equal(got, expect)
     gen = engine.generate(tasks, inputs[:5], max_new_tokens=8, min_new_tokens=8).token_ids
@@ -109,24 +109,32 @@ def test_unknown_task_raises_before_any_forward(engine: Engine, adapter_for) -> 
     assert engine.router.plan is None
 
 
-def test_reupload_swaps_version_and_frees_old_slot_after_last_lease(engine: Engine, adapter_for) -> None:
+def test_reupload_swaps_version_and_frees_the_old_one_after_its_last_lease(engine: Engine, adapter_for) -> None:
     v1 = engine.load(adapter_for("t", "compacter", seed=1), version=1)
-    with engine.registry.lease(["t"]) as held:
+    with engine.resident(["t"]) as (held, _):
         v2 = engine.load(adapter_for("t", "compacter", seed=2), version=2)
         assert held[0] == v1 and engine.registry.get("t") == v2
-        assert engine.bank.loaded() == 2  # v1 is still in use by the held batch
-    assert engine.bank.loaded() == 1
+        assert engine.device.versions() == [v1.key] and engine.registry.resident() == 2  # v1 still in use
+    assert engine.device.versions() == [] and engine.registry.resident() == 1  # only v2, in the host tier
     assert engine.generate(["t"], ["a"]).entries[0].version == 2
+    assert engine.device.versions() == [v2.key]
 
 
-def test_bank_grows_for_more_slots_and_larger_bottlenecks(engine: Engine, adapter_for) -> None:
+def test_an_adapter_costs_its_own_size_whatever_else_was_loaded(engine: Engine, adapter_for) -> None:
     small = adapter_for("small", "compacter", seed=1)
     engine.load(small)
     before = engine.score(["small"], ["in"], ["out"]).scores[0]
-    for i in range(12):  # beyond the initial capacity, with a bottleneck 8x larger
+    one = engine.device.used_bytes
+    assert one == small.spec.param_count(small.geometry) * 4  # compact: its float32 parameters, nothing more
+    for i in range(12):  # more adapters, with a bottleneck 8x larger and LoRA at rank 64
         engine.load(adapter_for(f"big{i}", "houlsby", seed=i, reduction_factor=4))
-    assert engine.bank.capacity >= 13
+        engine.load(adapter_for(f"lora{i}", "lora", seed=i, rank=64))
+        engine.score([f"big{i}", f"lora{i}"], ["in", "in"], ["out", "out"])
+    for i in range(12):
+        engine.registry.delete(f"big{i}")
+        engine.registry.delete(f"lora{i}")
     assert engine.score(["small"], ["in"], ["out"]).scores[0] == pytest.approx(before, abs=1e-5)
+    assert engine.device.used_bytes == one
 
 
 def test_bfloat16_engine_tracks_float32(tiny_dir, adapter_for) -> None:

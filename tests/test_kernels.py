@@ -1,4 +1,4 @@
-"""Every fast path against the row-by-row reference: random slots, mixed activations, dtypes."""
+"""Every fast path against the row-by-row reference (PHM: the dense H it materializes): random rows, dtypes."""
 
 import pytest
 import torch
@@ -25,9 +25,26 @@ def test_bottleneck_fast_path_matches_reference(fast, dtype: torch.dtype, tol: f
     rows = torch.randint(0, slots, (b,), generator=g)
     gathered = [t[rows] for t in bank]
     z = torch.randn(b, m, d, generator=g).to(dtype)
-    relu_rows = torch.rand(b, generator=g) > 0.5
-    acts = [(F.gelu, None), (F.relu, relu_rows.view(-1, 1, 1))]
-    _close(fast.bottleneck(z, *gathered, acts), ReferenceKernels().bottleneck(z, *gathered, acts), tol)
+    for act in (F.gelu, F.relu):
+        _close(fast.bottleneck(z, *gathered, act), ReferenceKernels().bottleneck(z, *gathered, act), tol)
+
+
+@pytest.mark.parametrize("fast", FAST, ids=lambda k: k.name)
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
+@pytest.mark.parametrize("rank", [1, 3, None], ids=["rank1", "rank3", "dense"])
+def test_phm_from_factors_matches_the_materialized_h(fast, dtype: torch.dtype, tol: float, rank: int | None) -> None:
+    g = torch.Generator().manual_seed(2)
+    b, m, n, fan_in, fan_out = 4, 5, 4, 32, 16
+    x = torch.randn(b, m, fan_in, generator=g).to(dtype)
+    rule, bias = torch.randn(b, n, n, n, generator=g).to(dtype), torch.randn(b, fan_out, generator=g).to(dtype)
+    if rank is None:
+        w = (torch.randn(b, n, fan_in // n, fan_out // n, generator=g).to(dtype),)
+    else:
+        w = (
+            torch.randn(b, n, fan_in // n, rank, generator=g).to(dtype),
+            torch.randn(b, n, rank, fan_out // n, generator=g).to(dtype),
+        )
+    _close(fast.phm(x, rule, w, bias), ReferenceKernels().phm(x, rule, w, bias), 4 * tol)
 
 
 @pytest.mark.parametrize("fast", FAST, ids=lambda k: k.name)
@@ -47,5 +64,5 @@ def test_zero_weights_give_exact_zero(kernels) -> None:
     z = torch.randn(3, 4, 16)
     zeros = [torch.zeros(3, 16, 4), torch.zeros(3, 4), torch.zeros(3, 4, 16), torch.zeros(3, 16)]
     for act in (F.gelu, F.relu, F.silu, lambda h: F.gelu(h, approximate="tanh")):
-        assert torch.count_nonzero(kernels.bottleneck(z, *zeros, [(act, None)])) == 0
+        assert torch.count_nonzero(kernels.bottleneck(z, *zeros, act)) == 0
     assert torch.count_nonzero(kernels.lora(z, torch.zeros(3, 16, 2), torch.zeros(3, 2, 8))) == 0

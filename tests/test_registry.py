@@ -1,28 +1,29 @@
-"""The registry: a swap or delete never frees a slot an accepted request still holds, and an unknown task holds
-nothing (the store-facing paths are in test_store.py and test_changes.py)."""
+"""The registry: a swap or delete never drops a version an accepted request still holds, an unknown task holds
+nothing, and registering a stored version reads its header only (the store-facing paths are in test_store.py and
+test_changes.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from kronserve.engine import Engine
-from kronserve.errors import UnknownTask
+from kronserve.errors import BankFull, UnknownTask
 from kronserve.formats.native import dumps
 
+from .conftest import held_slots
 
-def test_a_replaced_version_keeps_its_slot_until_its_last_request_leaves(engine: Engine, adapter_for) -> None:
-    registry, bank = engine.registry, engine.bank
+
+def test_a_replaced_version_stays_resident_until_its_last_request_leaves(engine: Engine, adapter_for) -> None:
+    registry = engine.registry
     v1 = registry.upload("t", dumps(adapter_for("t", "compacter", seed=1)))
     (held,) = registry.acquire(["t"])  # a request accepted on v1
     v2 = registry.upload("t", dumps(adapter_for("t", "compacter", seed=2)))
-    assert (held.version, registry.get("t").version) == (v1.version, v2.version) and v2.slot != v1.slot
-    assert bank.loaded() == 2  # v1 still answers the request that holds it
+    assert (held.version, registry.get("t").version) == (v1.version, v2.version)
+    assert registry.resident() == 2 and registry.tier(v1) == "host"  # v1 still answers the request that holds it
     registry.delete("t")
-    assert bank.loaded() == 1
+    assert registry.resident() == 1
     registry.release([held])
-    assert bank.loaded() == 0  # its last request left: the slot is free
-    again = registry.upload("u", dumps(adapter_for("u", "compacter", seed=3)))
-    assert again.slot in (v1.slot, v2.slot)  # freed slots are reused, not leaked
+    assert registry.resident() == 0  # its last request left: nothing of it stays in memory
 
 
 def test_an_unknown_task_holds_nothing(engine: Engine, adapter_for) -> None:
@@ -31,6 +32,28 @@ def test_an_unknown_task_holds_nothing(engine: Engine, adapter_for) -> None:
     with pytest.raises(UnknownTask, match="nope"):
         registry.acquire(["known", "nope"])
     registry.delete("known")
-    assert engine.bank.loaded() == 0  # had "known" been held by the failed acquire, its slot would still be used
+    assert registry.resident() == 0  # had "known" been held by the failed acquire, it would still be in memory
     with pytest.raises(UnknownTask):
         registry.delete("known")
+
+
+def test_a_device_slot_outlives_its_version_only_while_held(engine: Engine, adapter_for) -> None:
+    engine.load(adapter_for("t", "compacter", seed=1))
+    (slot,) = held_slots(engine, ["t"])
+    old = engine.registry.get("t")
+    engine.load(adapter_for("t", "compacter", seed=2), version=2)
+    assert engine.device.resident(old.key) is not None  # the holder's rows still read it
+    engine.release([slot])
+    engine.registry.release([old])
+    assert engine.device.resident(old.key) is None and engine.device.used_bytes == 0
+
+
+def test_max_adapters_caps_registered_tasks_but_never_updates(backbone, adapter_for) -> None:
+    engine = Engine(backbone, max_adapters=2)
+    for task in ("a", "b"):
+        engine.registry.upload(task, dumps(adapter_for(task, "compacter")))
+    with pytest.raises(BankFull, match="at most 2 tasks"):
+        engine.registry.upload("c", dumps(adapter_for("c", "compacter")))
+    assert engine.registry.upload("a", dumps(adapter_for("a", "compacter", seed=5))).version == 2
+    engine.registry.delete("b")
+    assert engine.registry.upload("c", dumps(adapter_for("c", "compacter"))).task == "c"

@@ -9,6 +9,7 @@ from kronserve.decoding import Sequence
 from kronserve.engine import Engine
 from kronserve.messages import GenerationParams
 
+from .conftest import held_slots
 from .test_engine import INPUTS, METHODS
 
 LENGTHS = [12, 5, 9, 7, 3, 10, 4]
@@ -17,7 +18,8 @@ LENGTHS = [12, 5, 9, 7, 3, 10, 4]
 def test_every_rows_logits_equal_its_own_forward_as_rows_join_and_leave(engine: Engine, adapter_for) -> None:
     slots = []
     for i, (method, overrides) in enumerate(METHODS[: len(LENGTHS)]):
-        slots.append(engine.load(adapter_for(f"r{i}", method, seed=i, std=0.3, **overrides)).slot)
+        engine.load(adapter_for(f"r{i}", method, seed=i, std=0.3, **overrides))
+        slots += held_slots(engine, [f"r{i}"])
     slots[-1] = -1  # and a bare row
     ids = engine.tokenize([INPUTS[i % len(INPUTS)] + f" {i}" for i in range(len(LENGTHS))])
     worst = 0.0

@@ -236,7 +236,7 @@ def test_swap_and_delete_mid_generation_finish_on_the_running_version(engine: En
         running = asyncio.ensure_future(ask(s, "swap", ["text"], p))
         await asyncio.to_thread(reached.wait, 20)
         engine.load(v2, version=2)  # mid-generation: the running request keeps v1's slot
-        loaded_during = engine.bank.loaded()
+        loaded_during = engine.registry.resident()
         release.set()
         first = await running
         second = await ask(s, "swap", ["text"], p)
@@ -253,7 +253,7 @@ def test_swap_and_delete_mid_generation_finish_on_the_running_version(engine: En
     assert second == [alone_v2] and second != first
     with pytest.raises(UnknownTask):
         engine.registry.acquire(["swap"])
-    assert engine.bank.loaded() == 0
+    assert engine.registry.resident() == 0
 
 
 def test_a_timed_out_request_leaves_at_the_next_step_and_frees_its_lease(engine: Engine, tasks) -> None:

@@ -11,6 +11,8 @@ from kronserve.formats.native import AdapterFile
 from kronserve.plan import Route
 from kronserve.t5_sites import install_sites
 
+from .conftest import held_slots
+
 ACTS = {"gelu": F.gelu, "gelu_new": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "swish": F.silu}
 
 VARIANTS = [  # (task, method, overrides): every method, every placement, every activation, norms, rules
@@ -64,7 +66,8 @@ def loaded(engine: Engine, adapter_for) -> dict[str, tuple[int, AdapterFile]]:
     out = {}
     for i, (task, method, overrides) in enumerate(VARIANTS):
         a = adapter_for(task, method, seed=i, std=0.3, **overrides)
-        out[task] = (engine.load(a).slot, a)
+        engine.load(a)
+        out[task] = (held_slots(engine, [task])[0], a)
     return out
 
 
@@ -79,7 +82,7 @@ def test_routed_site_equals_dense_reference_per_row(engine: Engine, loaded, site
     d = engine.geometry.d_model
     x = torch.randn(len(rows), 5, d)
     kv = torch.randn(len(rows), 7, d) if kind == "cross" else None
-    with torch.no_grad(), engine.router.activate(engine.bank.plan(Route.of(slots))):
+    with torch.no_grad(), engine.router.activate(engine.device.plan(Route.of(slots))):
         args = {"key_value_states": kv} if kind == "cross" else {}
         got = layer(x, **args)
     got = got[0] if isinstance(got, tuple) else got
@@ -96,7 +99,7 @@ def test_beam_rows_use_their_request_adapter(engine: Engine, loaded) -> None:
     tasks = ["compacter", None, "pfeiffer"]
     slots = [-1 if t is None else loaded[t][0] for t in tasks]
     x = torch.randn(3 * 4, 2, engine.geometry.d_model)  # 3 requests x 4 beams
-    with torch.no_grad(), engine.router.activate(engine.bank.plan(Route.of(slots))):
+    with torch.no_grad(), engine.router.activate(engine.device.plan(Route.of(slots))):
         got = layer(x)
     with torch.no_grad():
         for r in range(12):
@@ -108,15 +111,15 @@ def test_beam_rows_use_their_request_adapter(engine: Engine, loaded) -> None:
 
 def test_route_rejects_rows_that_do_not_divide(engine: Engine, loaded) -> None:
     layer = engine.backbone.model.encoder.block[0].layer[-1]
-    plan = engine.bank.plan(Route.of([loaded["compacter"][0]] * 3))
+    plan = engine.device.plan(Route.of([loaded["compacter"][0]] * 3))
     with torch.no_grad(), engine.router.activate(plan), pytest.raises(RuntimeError, match="not a multiple"):
         layer(torch.randn(4, 2, engine.geometry.d_model))
     assert engine.router.plan is None  # the plan is removed even when the forward pass fails
 
 
 def test_rows_without_an_adapter_add_exact_zero_even_when_the_input_overflowed(engine: Engine, loaded) -> None:
-    site = engine.bank.site_index["encoder.0.mh"]
-    plan = engine.bank.plan(Route.of([loaded["compacter"][0], -1, loaded["pfeiffer"][0]]))  # pfeiffer: ffn only
+    site = engine.device.names.sites.index("encoder.0.mh")
+    plan = engine.device.plan(Route.of([loaded["compacter"][0], -1, loaded["pfeiffer"][0]]))  # pfeiffer: ffn only
     x = torch.randn(3, 4, engine.geometry.d_model)
     x[1, 0, 0] = x[2, 0, 0] = float("inf")
     with torch.no_grad():

@@ -35,6 +35,8 @@ from kronserve.train import (
     upload,
 )
 
+from .conftest import held_slots
+
 CHANCE = 0.5  # the majority task's labels are balanced by symmetry (a-m and n-z have 13 letters each)
 
 
@@ -165,8 +167,9 @@ def test_trainable_plan_equals_the_servers_plan(backbone, method: str, overrides
     norms = {k: v.float() for k, v in base_norms(backbone.model).items()}
     tensors = init_tensors(spec, geometry, seed=3, std=0.3, base_norms=norms)
     engine = Engine(backbone)
-    slot = engine.load(AdapterFile("t", spec, fp, tensors)).slot
-    served = engine.bank.plan(Route.of([slot, slot]))
+    engine.load(AdapterFile("t", spec, fp, tensors))
+    (slot,) = held_slots(engine, ["t"])
+    served = engine.device.plan(Route.of([slot, slot]))
     mine = TrainablePlan(spec, geometry, tensors, torch.device("cpu"))
     d = geometry.d_model
     for i, _ in enumerate(geometry.all_sites()):

@@ -72,7 +72,18 @@ class Settings(BaseSettings):
     accept_pickle: bool = Field(
         default=True, description="read AdapterHub .bin uploads (torch weights-only loader); false: 415"
     )
-    max_adapters: int = Field(default=4096, ge=1, description="bank slots, i.e. resident adapter versions")
+    max_adapters: int = Field(
+        default=1_000_000, ge=1, description="registered tasks (a catalogue quota; 503 bank_full for a new one beyond)"
+    )
+    host_adapter_mb: float = Field(
+        default=4096, gt=0, description="host tier: packed adapters kept in RAM (LRU; a miss reads the store)"
+    )
+    device_adapter_mb: float = Field(
+        default=1024, gt=0, description="device tier: adapters batches read (LRU; a miss copies from the host tier)"
+    )
+    pinned_tasks: str = Field(
+        default="", description="comma-separated tasks kept on the device, never evicted (see also PUT .../pin)"
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="when set, PUT/DELETE need it as Bearer; empty or unset: no token (a warning)"
     )
@@ -95,6 +106,10 @@ class Settings(BaseSettings):
     fault_point: str | None = Field(
         default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"
     )
+
+    @property
+    def pinned(self) -> list[str]:
+        return [t.strip() for t in self.pinned_tasks.split(",") if t.strip()]
 
     @field_validator("admin_token", mode="before")
     @classmethod

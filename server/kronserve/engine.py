@@ -1,6 +1,6 @@
-"""In-process inference on the routed T5: tokenize, resolve tasks to slots, run forward passes, detokenize.
+"""In-process inference on the routed T5: tokenize, resolve tasks to device slots, run forward passes, detokenize.
 
-Two ways to decode, on the same sites, bank and Route:
+Two ways to decode, on the same sites, device tier and Route:
 - the step loop's passes (`prefill`, `step`, `score_ids`): the server's `DecodeLoop` admits rows into a
   `RunningBatch` and advances every row one token per `step`, whatever its task and settings;
 - `generate`: one Hugging Face `generate()` call for a whole batch; the independent reference the step
@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .backbone import Backbone
-from .bank import AdapterBank
+from .compact import Compact, packed_bytes
 from .decoding import Vocabulary
-from .errors import InvalidRequest
+from .device_tier import DeviceTier
+from .errors import InvalidRequest, PinRefused
 from .formats.native import AdapterFile
+from .host_tier import HostTier
 from .metrics import Metrics
-from .plan import Route
+from .plan import Route, SiteNames
 from .registry import Entry, Registry
 from .running import RunningBatch, empty_cache
 from .store import AdapterStore
@@ -36,6 +38,7 @@ from .t5_sites import base_norms, install_sites
 # An input longer than max_input_tokens × this many characters cannot fit (no T5 or ByT5 token is longer),
 # so it is refused before the tokenizer spends time on it.
 MAX_CHARS_PER_TOKEN = 32
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,19 +67,28 @@ class Engine:
         store: AdapterStore | None = None,
         metrics: Metrics | None = None,
         max_input_tokens: int = 512,
-        bank_capacity: int = 8,
-        max_adapters: int = 4096,
+        host_adapter_mb: float = 4096,
+        device_adapter_mb: float = 1024,
+        max_adapters: int = 1_000_000,
     ) -> None:
         fp = backbone.fingerprint
         self.backbone = backbone
-        self.geometry = fp.geometry
+        self.geometry = g = fp.geometry
         self.max_input_tokens = max_input_tokens
         model = backbone.model
-        self.bank = AdapterBank(
-            self.geometry, base_norms(model), backbone.device, backbone.dtype, bank_capacity, max_adapters
+        names = SiteNames(tuple(g.all_sites()), tuple(g.all_norms()), tuple(g.all_linears()))
+        norms = base_norms(model)
+        norms_stack = torch.stack([norms[n] for n in names.norms])
+        metrics = metrics or Metrics()
+        self.device = DeviceTier(
+            names, norms_stack, backbone.device, backbone.dtype, int(device_adapter_mb * MB), metrics
         )
+        self.host = HostTier(int(host_adapter_mb * MB), metrics)
+        metrics.tier_budget_bytes.labels("device").set(self.device.budget)
+        metrics.tier_budget_bytes.labels("host").set(self.host.budget)
         self.router = install_sites(model, self.geometry)
-        self.registry = Registry(self.bank, fp, store, metrics)
+        self.registry = Registry(self.device, self.host, fp, store, metrics, max_adapters)
+        self.registry.on_new_version = self._keep_pinned
         self._forward_lock = threading.Lock()
         tok, gen = backbone.tokenizer, model.generation_config
         self.pad_id = tok.pad_token_id
@@ -95,6 +107,61 @@ class Engine:
         self.backbone.fingerprint.check(adapter.fingerprint)
         return self.registry.install(adapter, version, sha256)
 
+    # ---- residency -------------------------------------------------------------------------------------
+    def hold(self, entries: Sequence[Entry | None], packed: Sequence[Compact | None]) -> list[int]:
+        """Lease each version on the device (loading the missing ones from their packed form): its slot, or
+        BARE for None. Runs between forward passes; `release` must follow."""
+        wants = [None if e is None or c is None else (e.key, e.task, c) for e, c in zip(entries, packed, strict=True)]
+        with self._forward_lock:
+            return self.device.hold(wants)
+
+    def release(self, slots: Sequence[int]) -> None:
+        self.device.release(slots)
+
+    @contextmanager
+    def resident(self, tasks: Sequence[str | None]) -> Iterator[tuple[list[Entry | None], list[int]]]:
+        """Lease `tasks`' active versions in the registry and on the device for one block (reference paths)."""
+        with self.registry.lease(tasks) as entries:
+            packed = [None if e is None else self.registry.fetch(e) for e in entries]
+            slots = self.hold(entries, packed)
+            try:
+                yield entries, slots
+            finally:
+                self.release(slots)
+
+    def pin(self, task: str) -> None:
+        """Keep `task` on the device, never evicted: loaded now if registered (and at each new version).
+
+        Refused (PinRefused) when the pinned adapters would need more than the device budget."""
+        entry = self.registry.peek(task)
+        if entry is not None and not self.device.pinned(task):
+            size = packed_bytes(entry.spec, self.geometry, self.device.dtype)
+            pinned = self.device.pinned_bytes()
+            if pinned + size > self.device.budget:
+                raise PinRefused(
+                    f"pinning {task!r} ({size} bytes) would make pinned adapters need {pinned + size} bytes; "
+                    f"the device budget is {self.device.budget} (device_adapter_mb)"
+                )
+        self.device.pin(task)
+        if entry is not None:
+            self._keep_pinned(entry)
+
+    def unpin(self, task: str) -> None:
+        """Back to LRU: the task stays on the device until evicted."""
+        self.device.unpin(task)
+
+    def _keep_pinned(self, entry: Entry) -> None:
+        if self.device.pinned(entry.task):
+            self.release(self.hold([entry], [self.registry.fetch(entry)]))
+
+    def where(self, entry: Entry) -> dict[str, object]:
+        """Where the version's weights are, and what they cost there (GET /v1/adapters/{task})."""
+        return {
+            "tier": self.registry.tier(entry),
+            "pinned": self.device.pinned(entry.task),
+            "resident_bytes": packed_bytes(entry.spec, self.geometry, self.device.dtype),
+        }
+
     # ---- whole-batch generate (reference and static mode) and score --------------------------------
     def generate(
         self,
@@ -106,10 +173,8 @@ class Engine:
     ) -> Generated:
         """Greedy (num_beams=1) or beam-search outputs, one per row, each through its task's adapter."""
         _same_length(tasks, inputs, "inputs")
-        with self.registry.lease(tasks) as entries:
-            ids = self.generate_ids(
-                Registry.slots_of(entries), self.tokenize(inputs), max_new_tokens, num_beams, min_new_tokens
-            )
+        with self.resident(tasks) as (entries, slots):
+            ids = self.generate_ids(slots, self.tokenize(inputs), max_new_tokens, num_beams, min_new_tokens)
         return Generated([self.decode(row) for row in ids], ids, list(entries))
 
     def generate_ids(
@@ -137,8 +202,8 @@ class Engine:
         """Sum of natural-log probabilities of each target's tokens (its EOS included) given its input."""
         _same_length(tasks, inputs, "inputs")
         _same_length(tasks, targets, "targets")
-        with self.registry.lease(tasks) as entries:
-            scores = self.score_ids(Registry.slots_of(entries), self.tokenize(inputs), self.tokenize(targets, "target"))
+        with self.resident(tasks) as (entries, slots):
+            scores = self.score_ids(slots, self.tokenize(inputs), self.tokenize(targets, "target"))
         return Scored(scores, list(entries))
 
     def score_ids(self, slots: Sequence[int], inputs: Sequence[list[int]], targets: Sequence[list[int]]) -> list[float]:
@@ -229,7 +294,7 @@ class Engine:
         """Serialize forward passes and activate the rows' plan around one; undone in every case."""
         route = Route.of(slots, self.backbone.device)
         with self._forward_lock:
-            plan = self.bank.plan(route)
+            plan = self.device.plan(route)
             with torch.inference_mode(), self.router.activate(plan):
                 yield
 

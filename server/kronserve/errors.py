@@ -50,7 +50,15 @@ class BadRequest(KronserveError):
 
 
 class BankFull(KronserveError):
+    """The catalogue quota (max_adapters registered tasks) is reached: 503, the operator's problem."""
+
     code = "bank_full"
+
+
+class PinRefused(KronserveError):
+    """409: pinning the task would leave pinned adapters needing more than the device budget."""
+
+    code = "pin_refused"
 
 
 class Overloaded(KronserveError):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .compact import Compact
 from .messages import GenerationParams
 from .registry import Entry
 
@@ -40,6 +41,7 @@ class TokenStream:
 @dataclass(eq=False)
 class Job:
     entry: Entry  # leased at acceptance: the version this request is answered with
+    packed: Compact  # its weights, fetched into the host tier at acceptance (the engine only copies them)
     inputs: list[list[int]]  # token ids, EOS included
     targets: list[list[int]] | None  # score requests
     params: GenerationParams | None  # predict requests (None: score)
@@ -49,12 +51,9 @@ class Job:
     cancelled: bool = False  # the caller gave up (set on the event loop)
     failed: bool = False  # the engine answered it with an error while its other rows still ran
     stream: TokenStream | None = None
+    slot: int | None = None  # its device slot while the engine holds it there (from admission to leaving)
     _leased: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def slot(self) -> int:
-        return self.entry.slot
 
     @property
     def rows(self) -> int:

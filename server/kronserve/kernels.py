@@ -1,15 +1,17 @@
 """The adapter arithmetic of a mixed batch behind one small interface: a torch reference and fast paths.
 
-Semantics (what every implementation computes; the reference below is these loops):
+Semantics (what every implementation computes; the reference below is these loops), per row b of a group
+of rows whose adapters share a layout (so one activation):
 
-    bottleneck:  for b in rows:  A_b(z_b) = act_b(z_b @ down_w[b] + down_b[b]) @ up_w[b] + up_b[b]
-    lora:        for b in rows:  L_b(x_b) = (x_b @ a[b]) @ b[b]
+    bottleneck:  A_b(z_b) = act(z_b @ down_w[b] + down_b[b]) @ up_w[b] + up_b[b]
+    phm:         P_b(x_b) = x_b @ H_b + bias[b],  H_b = Σ_i kron(rule[b, i], W_b,i),  W_b,i = L[b, i] @ R[b, i]
+                 (or the dense W[b, i]); see methods/phm.py for the torch.kron order
+    lora:        L_b(x_b) = (x_b @ a[b]) @ b[b]
 
-`z`, `x` [B, M, in] (M = tokens, times beams when a request's beams ride as one row group), weights
-gathered per row: down_w [B, d, K], down_b [B, K], up_w [B, K, d], up_b [B, d]; LoRA a [B, in, R]
-(scaling folded in), b [B, R, out]. A row whose weights are zero (the bare backbone) gets exactly zero.
-`acts` is a list of (activation, row mask [B, 1, 1] or None): one entry when every row uses the same
-activation, else the first is the default and each later one overrides it on the rows of its mask.
+`z`, `x` [G, M, in] (M = tokens, times beams when a request's beams ride as one row group), weights
+gathered per row: down_w [G, d, K], down_b [G, K], up_w [G, K, d], up_b [G, d]; rule [G, n, n, n],
+L [G, n, in/n, r], R [G, n, r, out/n], W [G, n, in/n, out/n], bias [G, out]; LoRA a [G, in, R] (scaling
+folded in), b [G, R, out].
 
 The sites never call these functions directly: a plan holds the `Kernels` that `select_kernels` chose
 for its device (vLLM's `punica_selector` idea), so a CUDA/Triton path is one more class here and one
@@ -18,14 +20,15 @@ more line in the selector, tested against `ReferenceKernels` like the torch path
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .methods.phm import phm_matrix
+
 Act = Callable[[torch.Tensor], torch.Tensor]
-ActGroups = Sequence[tuple[Act, torch.Tensor | None]]
 
 ACTIVATIONS: dict[str, Act] = {
     "gelu": F.gelu,  # exact erf form
@@ -47,8 +50,12 @@ class Kernels(Protocol):
         down_b: torch.Tensor,
         up_w: torch.Tensor,
         up_b: torch.Tensor,
-        acts: ActGroups,
+        act: Act,
     ) -> torch.Tensor: ...
+
+    def phm(self, x: torch.Tensor, rule: torch.Tensor, w: tuple[torch.Tensor, ...], bias: torch.Tensor) -> torch.Tensor:
+        """`w` is (L, R) for factorized weights, or (W,) for dense ones."""
+        ...
 
     def lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
@@ -65,11 +72,27 @@ class TorchKernels:
         down_b: torch.Tensor,
         up_w: torch.Tensor,
         up_b: torch.Tensor,
-        acts: ActGroups,
+        act: Act,
     ) -> torch.Tensor:
-        h = torch.baddbmm(down_b.unsqueeze(1), z, down_w)  # [B, M, K]
-        h = _activate(h, acts)
-        return torch.baddbmm(up_b.unsqueeze(1), h, up_w)  # [B, M, d]
+        h = act(torch.baddbmm(down_b.unsqueeze(1), z, down_w))  # [G, M, K]
+        return torch.baddbmm(up_b.unsqueeze(1), h, up_w)  # [G, M, d]
+
+    def phm(self, x: torch.Tensor, rule: torch.Tensor, w: tuple[torch.Tensor, ...], bias: torch.Tensor) -> torch.Tensor:
+        """From the factors, never forming H: with x split into n blocks x_a, output block c is
+        `Σ_i Σ_a rule[i, a, c] · x_a W_i`. Factorized: u = x_a L_i, then the rule, then R_i, which costs
+        n·in·r + n³·r + n·r·out multiply-adds per token against in·out for the dense H."""
+        g, m, _ = x.shape
+        n = rule.shape[1]
+        xb = x.reshape(g, m, n, -1)  # [G, M, n(a), in/n]
+        if len(w) == 2:
+            left, right = w
+            u = torch.einsum("gmap,gipr->gmiar", xb, left)  # x_a L_i
+            v = torch.einsum("gmiar,giac->gmicr", u, rule)  # Σ_a rule[i, a, c] x_a L_i
+            y = torch.einsum("gmicr,girq->gmcq", v, right)  # Σ_i (...) R_i
+        else:
+            t = torch.einsum("gmap,giac->gmicp", xb, rule)  # Σ_a rule[i, a, c] x_a
+            y = torch.einsum("gmicp,gipq->gmcq", t, w[0])
+        return y.reshape(g, m, -1) + bias.unsqueeze(1)
 
     def lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(torch.bmm(x, a), b)  # [B, M, out]
@@ -87,17 +110,17 @@ class ReferenceKernels:
         down_b: torch.Tensor,
         up_w: torch.Tensor,
         up_b: torch.Tensor,
-        acts: ActGroups,
+        act: Act,
     ) -> torch.Tensor:
-        out = torch.empty_like(z)
-        for row in range(z.shape[0]):
-            h = z[row] @ down_w[row] + down_b[row]
-            act = acts[0][0]
-            for fn, mask in acts[1:]:
-                if bool(mask[row]):
-                    act = fn
-            out[row] = act(h) @ up_w[row] + up_b[row]
-        return out
+        return torch.stack([act(z[r] @ down_w[r] + down_b[r]) @ up_w[r] + up_b[r] for r in range(z.shape[0])])
+
+    def phm(self, x: torch.Tensor, rule: torch.Tensor, w: tuple[torch.Tensor, ...], bias: torch.Tensor) -> torch.Tensor:
+        """The dense H of each row, materialized as the method defines it (methods/phm.py)."""
+        out = []
+        for r in range(x.shape[0]):
+            weights = torch.bmm(w[0][r], w[1][r]) if len(w) == 2 else w[0][r]
+            out.append(x[r] @ phm_matrix(rule[r], weights) + bias[r])
+        return torch.stack(out)
 
     def lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.stack([(x[row] @ a[row]) @ b[row] for row in range(x.shape[0])])
@@ -106,11 +129,3 @@ class ReferenceKernels:
 def select_kernels(device: torch.device) -> Kernels:
     """The fastest implementation for `device` (today: torch's batched matmuls everywhere)."""
     return TorchKernels()
-
-
-def _activate(h: torch.Tensor, acts: ActGroups) -> torch.Tensor:
-    first, _ = acts[0]
-    out = first(h)
-    for fn, mask in acts[1:]:
-        out = torch.where(mask, fn(h), out)
-    return out

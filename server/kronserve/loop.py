@@ -8,7 +8,9 @@ One thread owns the model. Each turn it
 4. advances every running row by one decoder step (rows of any task and any settings together), picks
    each sequence's token (`decoding.py`) and answers the requests whose sequences are all done.
 A request leases its adapter version from acceptance until it leaves the loop, so a swap or delete in
-the middle of its generation changes nothing for it, and its slot is not reused while a row reads it.
+the middle of its generation changes nothing for it; from admission it also holds the version on the
+device, so its slot is neither evicted nor reused while a row reads it. Admission bounds the distinct
+adapters the running rows hold by the device budget, so a batch never needs more than the tier holds.
 A failure is confined to the requests it concerns: an admission or a score pass fails only its own
 requests, a sequence whose tokens cannot be decoded fails only its request.
 
@@ -46,6 +48,23 @@ class Bounds:
     pass_tokens: int  # input tokens of one admission or score pass
     cached_tokens: int  # running rows × (input + new tokens) the caches may reserve
     wait_s: float  # how long an idle loop waits for more requests before admitting
+
+
+class _DeviceRoom:
+    """The device budget during one `_take`: versions already held cost nothing more, a new one its bytes."""
+
+    def __init__(self, held: set, held_bytes: int, budget: int) -> None:
+        self.held, self.bytes, self.budget = set(held), held_bytes, budget
+
+    def cost(self, job: Job) -> int:
+        return 0 if job.entry.key in self.held else job.packed.nbytes
+
+    def fits(self, job: Job) -> bool:
+        return self.bytes + self.cost(job) <= self.budget
+
+    def take(self, job: Job) -> None:
+        self.bytes += self.cost(job)
+        self.held.add(job.entry.key)
 
 
 @dataclass
@@ -164,6 +183,7 @@ class DecodeLoop:
         score: list[Job] = []
         score_rows = score_tokens = 0
         blocked = self.static and bool(self._running.members)
+        room = _DeviceRoom(*self.engine.device.leased())
         with self._cv:
             for job in list(self._waiting):
                 if job.cancelled or job.deadline <= now:
@@ -172,8 +192,10 @@ class DecodeLoop:
                     continue
                 if job.params is None:  # a score request
                     first = not score
-                    if first or (score_rows + job.rows <= b.rows and score_tokens + job.tokens <= b.pass_tokens):
+                    fits = score_rows + job.rows <= b.rows and score_tokens + job.tokens <= b.pass_tokens
+                    if first or (fits and room.fits(job)):
                         self._waiting.remove(job)
+                        room.take(job)
                         score.append(job)
                         score_rows, score_tokens = score_rows + job.rows, score_tokens + job.tokens
                     continue
@@ -183,11 +205,12 @@ class DecodeLoop:
                     continue
                 empty = rows == 0
                 fits = rows + job.rows <= b.rows and reserved + job.reserved <= b.cached_tokens
-                fits = fits and tokens + job.tokens <= b.pass_tokens
+                fits = fits and tokens + job.tokens <= b.pass_tokens and room.fits(job)
                 if not (empty or fits):
                     blocked = not self.static  # strict FIFO for predict jobs: a big request is not starved
                     continue
                 self._waiting.remove(job)
+                room.take(job)
                 generate.append(job)
                 rows, reserved, tokens = rows + job.rows, reserved + job.reserved, tokens + job.tokens
         return generate, score
@@ -200,6 +223,7 @@ class DecodeLoop:
         started = time.perf_counter()
         self._observe_pass(jobs, started)
         try:
+            self._hold(jobs)
             inputs = [ids for j in jobs for ids in j.inputs]
             slots = [j.slot for j in jobs for _ in j.inputs]
             members = [self._member(j, i) for j in jobs for i in range(len(j.inputs))]
@@ -387,7 +411,17 @@ class DecodeLoop:
 
     def _release(self, job: Job) -> None:
         if job.take_lease():
+            if job.slot is not None:
+                self.engine.release([job.slot])
             self.engine.registry.release([job.entry])
+
+    def _hold(self, jobs: list[Job]) -> None:
+        """Give each job its device slot (a miss copies its packed weights to the device)."""
+        wanted = [j for j in jobs if j.slot is None]
+        if wanted:
+            slots = self.engine.hold([j.entry for j in wanted], [j.packed for j in wanted])
+            for job, slot in zip(wanted, slots, strict=True):
+                job.slot = slot
 
     # ---- score passes and the static baseline -----------------------------------------------------
     def _score(self, jobs: list[Job]) -> None:
@@ -422,6 +456,7 @@ class DecodeLoop:
         started = time.perf_counter()
         self._observe_pass(jobs, started)
         try:
+            self._hold(jobs)
             values = compute([j.slot for j in jobs for _ in j.inputs], [ids for j in jobs for ids in j.inputs])
         except Exception as e:
             for job in jobs:

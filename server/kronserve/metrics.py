@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import __version__
 
 OTHER_TASK = "__other__"
+_LOAD = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -139,7 +140,36 @@ class Metrics:
             registry=r,
         )
         self.adapters_resident = Gauge(
-            "kronserve_adapters_resident", "Adapter versions in bank slots (active + draining)", registry=r
+            "kronserve_adapters_resident",
+            "Adapter versions held in memory, host or device tier (active + draining)",
+            registry=r,
+        )
+        self.tier_adapters = Gauge(
+            "kronserve_tier_adapters", "Adapter versions resident in each tier", ["tier"], registry=r
+        )
+        self.tier_bytes = Gauge(
+            "kronserve_tier_bytes", "Bytes of the adapter versions resident in each tier", ["tier"], registry=r
+        )
+        self.tier_budget_bytes = Gauge(
+            "kronserve_tier_budget_bytes",
+            "Each tier's budget (host_adapter_mb, device_adapter_mb)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_hits = Counter(
+            "kronserve_tier_hits", "Requests whose adapter was already in the tier", ["tier"], registry=r
+        )
+        self.tier_misses = Counter(
+            "kronserve_tier_misses",
+            "Adapter loads into a tier (host: read + validate; device: copy)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_evictions = Counter(
+            "kronserve_tier_evictions", "Least recently used adapter versions evicted from a tier", ["tier"], registry=r
+        )
+        self.tier_load_seconds = Histogram(
+            "kronserve_tier_load_seconds", "Time to load one adapter into a tier", ["tier"], buckets=_LOAD, registry=r
         )
         self.adapter_loads = Counter("kronserve_adapter_loads", "Adapter versions loaded", ["source"], registry=r)
         self.adapter_load_failures = Counter(

@@ -1,16 +1,16 @@
-"""The per-batch routing: which bank slot each row reads (the Route) and the plan the sites call.
+"""The per-batch routing: which device slot each row reads (the Route) and the plan the sites call.
 
 A plan is built for the rows present in one forward pass (an admission's encoder pass, a decode step
 over the running rows, a score pass) and handed to every installed site through
 `SiteRouter.activate`: never module state. `SitePlan` is the one interface the sites read; the
-serving `BatchPlan` (gathered per row from the bank) and the trainer's `TrainablePlan` (one task,
+serving `BatchPlan` (gathered per row from the device tier) and the trainer's `TrainablePlan` (one task,
 differentiable) both implement it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -18,10 +18,9 @@ import torch
 from .kernels import ACTIVATIONS, Kernels
 
 if TYPE_CHECKING:
-    from .bank import RowInfo, Stacks
+    from .compact import Layout
 
 BARE = -1  # slot of a row that runs the bare backbone
-PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
 
 @dataclass(frozen=True)
@@ -77,37 +76,52 @@ class SitePlan(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SiteNames:
+    """Index -> name of the backbone's sites, norms and projections (the orders of `Geometry.all_*`)."""
+
+    sites: tuple[str, ...]
+    norms: tuple[str, ...]
+    linears: tuple[str, ...]
+
+
+@dataclass
+class Group:
+    """The rows of one pass whose adapters share a layout (one device pool)."""
+
+    layout: Layout
+    pool: torch.Tensor  # [capacity, layout.numel]
+    members: torch.Tensor | None  # which of the pass's requests (None: all of them, in order)
+    rows: torch.Tensor  # each member's pool row
+    _parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def part(self, name: str) -> torch.Tensor:
+        """The part `name` of every member's adapter, [G, *shape] (gathered once per pass)."""
+        if name not in self._parts:
+            p = self.layout.parts[name]
+            gathered = self.pool[:, p.offset : p.offset + p.numel].index_select(0, self.rows)
+            self._parts[name] = gathered.view(-1, *p.shape)
+        return self._parts[name]
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.members is None else t.index_select(0, self.members)
+
+
 class BatchPlan:
-    """One batch's view of the bank: rows gathered per site on first use, masks built once."""
+    """One pass's view of the device tier: rows grouped by layout, each group's parts gathered on first use."""
 
-    def __init__(self, route: Route, stacks: Stacks, infos: list[RowInfo | None], kernels: Kernels) -> None:
-        self.route, self.kernels = route, kernels
-        self._stacks = stacks
-        self._rows = route.slots + 1  # bank row of each request
-        self._infos = infos
-        present = [i for i in infos if i is not None]
-        self._sites = frozenset().union(*(i.sites for i in present))
-        self._linears = frozenset().union(*(i.linears for i in present))
-        self.use_norms = any(i.has_norms for i in present)
-        self._k = max((i.k for i in present), default=0)
-        self._acts = self._groups([i.activation if i else None for i in infos], ACTIVATIONS)
-        self._placements = self._groups([i.placement if i else None for i in infos], {p: p for p in PLACEMENTS})
-        self._lora_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._site_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+    def __init__(
+        self, route: Route, groups: list[Group], names: SiteNames, base_norms: torch.Tensor, kernels: Kernels
+    ) -> None:
+        self.route, self.kernels, self.names = route, kernels, names
+        self._groups = groups
+        self._base_norms = base_norms
+        self.use_norms = any(g.layout.norms for g in groups)
         self._norm_cache: dict[int, torch.Tensor] = {}
-        self._mask_cache: dict[int, torch.Tensor | None] = {}
-
-    def _groups(self, names: list[str | None], table: dict) -> list:
-        """[(value, mask)] for the names present; bare rows join the first group (their weights are 0)."""
-        order = sorted({n for n in names if n is not None}) or [next(iter(table))]
-        if len(order) == 1:
-            return [(table[order[0]], None)]
-        dev = self.route.slots.device
-        return [(table[name], torch.tensor([n == name for n in names], device=dev).view(-1, 1, 1)) for name in order]
 
     def acts_at(self, site: int) -> bool:
-        """Whether any row of the batch has an adapter at `site` (else the site adds nothing)."""
-        return site in self._sites
+        name = self.names.sites[site]
+        return any(name in g.layout.sites for g in self._groups)
 
     def delta(self, site: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The adapter output to add at `site`, for residual `x` and sublayer output `f` ([R, T, d])."""
@@ -115,62 +129,62 @@ class BatchPlan:
         m = self.route.expand(shape[0])
         x = x.reshape(self.route.rows, m * shape[1], shape[2])  # [B, m·T, d]: beams ride with their row
         f = f.reshape(x.shape)
-        z = self._adapter_input(x, f)
-        out = self.kernels.bottleneck(z, *self._site_weights(site), self._acts)
-        rows = self._site_rows(site)
-        if rows is not None:  # rows without an adapter here add exactly 0, even where z overflowed to Inf
-            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out.reshape(shape)
+        name = self.names.sites[site]
+        parts = [g for g in self._groups if name in g.layout.sites]
+        return self._scatter(parts, x, lambda g: self._adapter(g, name, g.take(x), g.take(f))).reshape(shape)
 
-    def _site_rows(self, site: int) -> torch.Tensor | None:
-        """[B, 1, 1] mask of the rows with an adapter at `site`, or None when every row has one."""
-        if site not in self._mask_cache:
-            has = [i is not None and site in i.sites for i in self._infos]
-            self._mask_cache[site] = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
-        return self._mask_cache[site]
+    def _scatter(self, groups: list[Group], like: torch.Tensor, compute, width: int | None = None) -> torch.Tensor:
+        """Each group's output on its own rows; rows of no group get exactly 0."""
+        if len(groups) == 1 and groups[0].members is None:
+            return compute(groups[0])
+        out = like.new_zeros(*like.shape[:-1], width or like.shape[-1])
+        for g in groups:
+            out.index_copy_(0, g.members, compute(g))
+        return out
+
+    def _adapter(self, g: Group, site: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        lay = g.layout
+        z = {"houlsby": f, "pfeiffer": x + f, "parallel": x}[lay.placement]
+        act = ACTIVATIONS[lay.activation]
+        if lay.kernel == "bottleneck":
+            parts = (g.part(f"{site}.{p}") for p in ("down_w", "down_b", "up_w", "up_b"))
+            return self.kernels.bottleneck(z, *parts, act)
+        return self._phm(g, f"{site}.up", act(self._phm(g, f"{site}.down", z)))
+
+    def _phm(self, g: Group, proj: str, x: torch.Tensor) -> torch.Tensor:
+        parts = g.layout.parts
+        rule = g.part(f"{proj}.rule" if f"{proj}.rule" in parts else "rule")
+        w = (g.part(f"{proj}.W"),) if f"{proj}.W" in parts else (g.part(f"{proj}.L"), g.part(f"{proj}.R"))
+        return self.kernels.phm(x, rule, w, g.part(f"{proj}.b"))
 
     def lora_acts_at(self, linear: int) -> bool:
-        return linear in self._linears
+        name = self.names.linears[linear]
+        return any(name in g.layout.linears for g in self._groups)
 
     def lora_delta(self, linear: int, x: torch.Tensor) -> torch.Tensor:
         """The LoRA update `s·(x A)B` of projection `linear` for each row's task, for input x [R, T, in]."""
-        a, b, rows = self._lora_weights(linear)
         shape = x.shape
         self.route.expand(shape[0])  # checks that the rows divide; beams ride with their request
-        out = self.kernels.lora(x.reshape(self.route.rows, -1, shape[-1]), a, b)  # [B, m·T, out]
-        if rows is not None:
-            out = torch.where(rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out.reshape(*shape[:-1], b.shape[-1])
-
-    def _lora_weights(self, linear: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if linear not in self._lora_cache:
-            a, b = self._stacks.lora[linear]
-            has = [i is not None and linear in i.linears for i in self._infos]
-            mask = None if all(has) else torch.tensor(has, device=self._rows.device).view(-1, 1, 1)
-            self._lora_cache[linear] = (a.index_select(0, self._rows), b.index_select(0, self._rows), mask)
-        return self._lora_cache[linear]
+        x = x.reshape(self.route.rows, -1, shape[-1])  # [B, m·T, in]
+        name = self.names.linears[linear]
+        groups = [g for g in self._groups if name in g.layout.linears]
+        width = groups[0].layout.parts[f"{name}.B"].shape[-1]
+        out = self._scatter(
+            groups, x, lambda g: self.kernels.lora(g.take(x), g.part(f"{name}.A"), g.part(f"{name}.B")), width
+        )
+        return out.reshape(*shape[:-1], width)
 
     def norm_weight(self, norm: int) -> torch.Tensor:
-        """Per-row RMSNorm weights [B, 1, d] of norm `norm`."""
+        """Per-row RMSNorm weights [B, 1, d] of norm `norm` (the backbone's where a row's adapter has none)."""
         if norm not in self._norm_cache:
-            self._norm_cache[norm] = self._stacks.norms[norm].index_select(0, self._rows).unsqueeze(1)
+            name = self.names.norms[norm]
+            w = self._base_norms[norm].expand(self.route.rows, -1).clone()
+            for g in self._groups:
+                if g.layout.norms:
+                    mine = g.part(name)
+                    if g.members is None:
+                        w = mine.clone()
+                    else:
+                        w.index_copy_(0, g.members, mine)
+            self._norm_cache[norm] = w.unsqueeze(1)
         return self._norm_cache[norm]
-
-    def _adapter_input(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        inputs = {"houlsby": lambda: f, "pfeiffer": lambda: x + f, "parallel": lambda: x}
-        first, _ = self._placements[0]
-        z = inputs[first]()
-        for name, mask in self._placements[1:]:
-            z = torch.where(mask, inputs[name](), z)
-        return z
-
-    def _site_weights(self, site: int) -> tuple[torch.Tensor, ...]:
-        if site not in self._site_cache:
-            st, k, rows = self._stacks, self._k, self._rows
-            self._site_cache[site] = (
-                st.down_w[site, :, :, :k].index_select(0, rows),  # [B, d, k]
-                st.down_b[site, :, :k].index_select(0, rows),  # [B, k]
-                st.up_w[site, :, :k, :].index_select(0, rows),  # [B, k, d]
-                st.up_b[site].index_select(0, rows),  # [B, d]
-            )
-        return self._site_cache[site]

@@ -1,11 +1,16 @@
-"""Task id -> active version -> bank slot; the only place that decides when a slot is free.
+"""Task id -> active version; the catalogue of registered tasks, and where each version's weights are.
 
-Upload = validate -> write the version file (not active yet) -> load it into a fresh slot -> move
-the store's ACTIVE pointer -> swap the task's entry (one assignment under a lock). Moving the pointer
-is the commit point: a failure before it undoes the earlier steps, so the old version keeps serving
-and no file is left behind; the store never raises after it (see store/local.py). A batch
-leases the entries it resolved, so it finishes on the versions it started with; a replaced or
-deleted version's slot is cleared only when its last lease ends.
+Registration is separate from residency. A registered version is an `Entry` (identity and spec, no
+weights); its packed weights live in the host tier (compact, LRU) when used or just uploaded, and in the
+device tier while batches read them. Start-up indexes the store from each version's header alone, so a
+server over 100,000 stored adapters is ready in seconds; a task's first request reads and validates its
+file (`fetch`).
+
+Upload = validate -> write the version file (not active yet) -> move the store's ACTIVE pointer -> swap
+the task's entry (one assignment under a lock). Moving the pointer is the commit point: a failure before
+it undoes the earlier steps, so the old version keeps serving and no file is left behind; the store never
+raises after it (see store/local.py). A request leases its entry at acceptance, so it finishes on the
+version it started with; a replaced or deleted version leaves the tiers when its last lease ends.
 """
 
 from __future__ import annotations
@@ -15,33 +20,39 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from .backbone import Fingerprint
-from .bank import AdapterBank
+from .compact import Compact, compact
+from .device_tier import DeviceTier
 from .errors import BankFull, KronserveError, UnknownTask
 from .formats import native
 from .formats.native import AdapterFile
+from .host_tier import HostTier
 from .methods import MethodSpec
 from .metrics import Metrics
-from .plan import BARE
 from .store import AdapterStore, StoreError, VersionRef, check_task_id, sha256_of
 
 log = logging.getLogger(__name__)
+INDEX_THREADS = 16  # start-up reads headers in parallel: local disks and S3 both answer faster together
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One loaded version of a task. Identity = task + version + sha256 of its file."""
+    """One registered version of a task. Identity = task + version + sha256 of its file."""
 
     task: str
     version: int
     sha256: str
-    slot: int
     spec: MethodSpec
     params: int
     base_model: str | None = None  # the training backbone the adapter's source declared (native metadata)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.task, self.version, self.sha256)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -58,23 +69,25 @@ class Entry:
 class Registry:
     def __init__(
         self,
-        bank: AdapterBank,
+        device: DeviceTier,
+        host: HostTier,
         fingerprint: Fingerprint,
         store: AdapterStore | None = None,
         metrics: Metrics | None = None,
+        max_tasks: int = 1_000_000,
     ) -> None:
-        self.bank, self.fingerprint, self.store = bank, fingerprint, store
+        self.device, self.host, self.fingerprint, self.store = device, host, fingerprint, store
         self.metrics = metrics or Metrics()
+        self.max_tasks = max_tasks
         self._lock = threading.Lock()  # guards the maps below; held only briefly
         self._mutate = threading.Lock()  # serializes uploads, deletes and refreshes
         self._active: dict[str, Entry] = {}
         self._unavailable: dict[str, str] = {}  # task -> why its active version in the store could not be loaded
-        self._refs: Counter[int] = Counter()
-        self._retired: set[int] = set()
-        self._free: list[int] = []
-        self._next_slot = 0
+        self._refs: Counter[tuple] = Counter()
+        self._retired: set[tuple] = set()
         self._last_used: dict[str, float] = {}
         self._started = time.monotonic()
+        self.on_new_version: Callable[[Entry], None] | None = None  # the engine reloads pinned tasks' new versions
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, task: str) -> Entry:
@@ -100,9 +113,24 @@ class Registry:
     def entries(self) -> list[Entry]:
         return sorted(self._active.values(), key=lambda e: e.task)
 
+    def page(self, after: str | None, limit: int) -> tuple[list[Entry], str | None]:
+        """Up to `limit` entries in task order after `after`, and the cursor of the next page (None: last)."""
+        tasks = sorted(t for t in self._active if after is None or t > after)
+        page = [e for t in tasks[:limit] if (e := self._active.get(t)) is not None]
+        return page, (page[-1].task if len(tasks) > limit and page else None)
+
+    def count(self) -> int:
+        return len(self._active)
+
+    def tier(self, entry: Entry) -> str:
+        """Where the version's weights are now: device, host, or only in the store."""
+        if self.device.resident(entry.key) is not None:
+            return "device"
+        return "host" if self.host.peek(entry.key) is not None else "store"
+
     @contextmanager
     def lease(self, tasks: Sequence[str | None]) -> Iterator[list[Entry | None]]:
-        """Resolve every task (None = bare backbone) and hold their slots until the block ends."""
+        """Resolve every task (None = bare backbone) and hold their versions until the block ends."""
         entries = self.acquire(tasks)
         try:
             yield entries
@@ -120,47 +148,68 @@ class Registry:
             for t, e in zip(tasks, entries, strict=True):
                 if t is not None and e is None:
                     raise self._missing(t)
-            self._refs.update(e.slot for e in entries if e is not None)
+            self._refs.update(e.key for e in entries if e is not None)
             now = time.monotonic()
             self._last_used.update((t, now) for t in tasks if t is not None)
         return entries
 
     def release(self, entries: Sequence[Entry | None]) -> None:
-        slots = [e.slot for e in entries if e is not None]
+        keys = [e.key for e in entries if e is not None]
         with self._lock:
-            self._refs.subtract(slots)
-            for s in set(slots):
-                if self._refs[s] <= 0:
-                    del self._refs[s]
-                    if s in self._retired:
-                        self._retired.discard(s)
-                        self._free_slot(s)
+            self._refs.subtract(keys)
+            gone = []
+            for k in set(keys):
+                if self._refs[k] <= 0:
+                    del self._refs[k]
+                    if k in self._retired:
+                        self._retired.discard(k)
+                        gone.append(k)
+        for k in gone:
+            self._forget(k)
         self._update_gauges()
 
-    @staticmethod
-    def slots_of(entries: Sequence[Entry | None]) -> list[int]:
-        return [BARE if e is None else e.slot for e in entries]
+    def fetch(self, entry: Entry) -> Compact:
+        """The version's packed weights: from the host tier, or read from the store and validated (a host miss).
+
+        A file that cannot be loaded makes its task unavailable (503 with the reason) until it is replaced.
+        """
+        return self.host.get(entry.key, lambda: self._load(entry))
+
+    def _load(self, entry: Entry) -> Compact:
+        if self.store is None:
+            raise StoreError(f"task {entry.task!r} version {entry.version}: its weights are no longer in memory")
+        started = time.perf_counter()
+        try:
+            ref = VersionRef(entry.task, entry.version, entry.sha256)
+            adapter = native.loads(self.store.read(ref), self.fingerprint)
+            packed = compact(adapter, self.device.dtype)
+        except KronserveError as e:
+            self.metrics.adapter_load_failures.labels("store", e.code).inc()
+            with self._lock:
+                if self._active.get(entry.task) == entry:
+                    self._unavailable[entry.task] = f"{e.code}: {e}"
+            self._update_gauges()
+            raise self._missing(entry.task) if entry.task in self._unavailable else e from e
+        self.metrics.adapter_loads.labels("store").inc()
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return packed
 
     # ---- writes ------------------------------------------------------------------------------
     def install(self, adapter: AdapterFile, version: int, sha256: str) -> Entry:
-        """Load a validated adapter into a fresh slot and make it the task's active version."""
-        slot = self._allocate(adapter.task)
-        try:
-            self.bank.write(slot, adapter)
-        except BaseException:
-            self._return_unused(slot)
-            raise
-        return self._swap(adapter, version, sha256, slot)
+        """Serve a validated adapter as the task's active version (no store: tests, benchmarks, the trainer)."""
+        packed = compact(adapter, self.device.dtype)
+        self._check_room(adapter.task)
+        return self._swap(adapter, version, sha256, packed)
 
     def upload(self, task: str, data: bytes) -> Entry:
         """Validate, persist and serve `data` as `task`'s new version; on any failure nothing changes."""
         check_task_id(task)
         started = time.perf_counter()
         try:
-            adapter = native.loads(data, self.fingerprint)
-            adapter = replace(adapter, task=task)
+            adapter = replace(native.loads(data, self.fingerprint), task=task)
+            packed = compact(adapter, self.device.dtype)
             with self._mutate:
-                entry = self._persist_and_install(adapter, data)
+                entry = self._persist(adapter, data, packed)
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("upload", e.code).inc()
             raise
@@ -182,18 +231,21 @@ class Registry:
                 if entry is not None:
                     del self._active[task]
                     self._last_used.pop(task, None)
-                    self._retire(entry.slot)
+            if entry is not None:
+                self._retire(entry.key)
         self._update_gauges()
         return entry
 
     def evict(self, task: str) -> Entry | None:
         """Stop serving `task` here, leaving the store alone: a cluster replica drops its copy of a task
-        another replica owns once it is idle. Batches holding it finish first (the slot is retired)."""
-        with self._mutate, self._lock:
-            entry = self._active.pop(task, None)
+        another replica owns once it is idle. Requests holding it finish first."""
+        with self._mutate:
+            with self._lock:
+                entry = self._active.pop(task, None)
+                if entry is not None:
+                    self._last_used.pop(task, None)
             if entry is not None:
-                self._last_used.pop(task, None)
-                self._retire(entry.slot)
+                self._retire(entry.key)
         self._update_gauges()
         return entry
 
@@ -202,62 +254,81 @@ class Registry:
         return time.monotonic() - self._last_used.get(task, self._started)
 
     def load_store(self, select: Callable[[str], bool] | None = None) -> list[str]:
-        """Serve every active version in the store (or those `select` picks); a bad one is logged, counted, skipped."""
-        loaded = []
-        for task in self.store.tasks() if self.store else []:
-            if select is not None and not select(task):
-                continue
-            try:
-                self.refresh(task)
-                loaded.append(task)
-            except KronserveError as e:
-                self.metrics.adapter_load_failures.labels("store", e.code).inc()
-                self._unavailable[task] = f"{e.code}: {e}"
-                log.error("store: skipping task %r: %s", task, e)
+        """Register every active version in the store (or those `select` picks) from its header alone: no
+        weights are read until a request needs them. A header that cannot be read or does not fit this
+        backbone makes the task unavailable (logged, counted)."""
+        if self.store is None:
+            return []
+        tasks = [t for t in self.store.tasks() if select is None or select(t)]
+        with ThreadPoolExecutor(INDEX_THREADS) as pool:
+            found = list(pool.map(self._index_one, tasks))
+        loaded = [t for t, ok in zip(tasks, found, strict=True) if ok]
         self._update_gauges()
         return loaded
 
+    def _index_one(self, task: str) -> bool:
+        """Register `task` from its header (start-up, before any request: no `_mutate`, so headers are read in
+        parallel)."""
+        assert self.store is not None
+        try:
+            ref = self.store.active(task)
+            if ref is not None:
+                head, size = self.store.head(ref, native.header_limit(self.fingerprint.geometry))
+                spec, base, described = native.loads_header(head, self.fingerprint)
+                if described != size:
+                    raise StoreError(
+                        f"task {task!r} version {ref.version}: the file is {size} bytes, its header "
+                        f"describes {described}: it is damaged"
+                    )
+                self._register(task, ref.version, ref.sha256, spec, base, None, gauges=False)
+            return True
+        except KronserveError as e:
+            self.metrics.adapter_load_failures.labels("store", e.code).inc()
+            with self._lock:
+                self._unavailable[task] = f"{e.code}: {e}"
+            log.error("store: skipping task %r: %s", task, e)
+            return False
+
     def refresh(self, task: str) -> Entry | None:
-        """Make the served version of `task` the store's active one (also one uploaded elsewhere)."""
+        """Make the served version of `task` the store's active one (also one uploaded elsewhere), reading and
+        validating its file now."""
         assert self.store is not None
         with self._mutate:
             ref = self.store.active(task)
             current = self._active.get(task)
             if ref is None:
-                self._unavailable.pop(task, None)
+                with self._lock:
+                    self._unavailable.pop(task, None)
+                    self._active.pop(task, None)
                 if current is not None:
-                    with self._lock:
-                        del self._active[task]
-                        self._retire(current.slot)
+                    self._retire(current.key)
                 self._update_gauges()
                 return None
             if current is not None and (current.version, current.sha256) == (ref.version, ref.sha256):
                 return current
             started = time.perf_counter()
-            adapter = native.loads(self.store.read(ref), self.fingerprint)
-            adapter = replace(adapter, task=task)
-            entry = self.install(adapter, ref.version, ref.sha256)
+            adapter = replace(native.loads(self.store.read(ref), self.fingerprint), task=task)
+            entry = self._swap(adapter, ref.version, ref.sha256, compact(adapter, self.device.dtype))
         self.metrics.adapter_loads.labels("store").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
         return entry
 
-    def _persist_and_install(self, adapter: AdapterFile, data: bytes) -> Entry:
+    def _persist(self, adapter: AdapterFile, data: bytes, packed: Compact) -> Entry:
+        self._check_room(adapter.task)
         if self.store is None:
             current = self._active.get(adapter.task)
-            return self.install(adapter, (current.version if current else 0) + 1, sha256_of(data))
+            return self._swap(adapter, (current.version if current else 0) + 1, sha256_of(data), packed)
         ref = self.store.write(adapter.task, data)  # raises with nothing written
         try:
-            slot = self._allocate(adapter.task)
-            try:
-                self.bank.write(slot, adapter)
-                self._activate(ref)
-            except BaseException:
-                self._return_unused(slot)
-                raise
+            self._activate(ref)
         except BaseException:
             self._discard(ref)
             raise
-        return self._swap(adapter, ref.version, ref.sha256, slot)
+        return self._swap(adapter, ref.version, ref.sha256, packed)
+
+    def _check_room(self, task: str) -> None:
+        if task not in self._active and len(self._active) >= self.max_tasks:
+            raise BankFull(f"this server registers at most {self.max_tasks} tasks (max_adapters); delete one first")
 
     def _activate(self, ref: VersionRef) -> None:
         """Move the store's pointer (it raises only if the pointer did not move). If it raised yet the pointer names
@@ -283,50 +354,54 @@ class Registry:
         except KronserveError as e:
             log.warning("store: could not remove unactivated %s v%d: %s", ref.task, ref.version, e)
 
-    def _swap(self, adapter: AdapterFile, version: int, sha256: str, slot: int) -> Entry:
-        params = adapter.spec.param_count(adapter.geometry)
-        entry = Entry(adapter.task, version, sha256, slot, adapter.spec, params, base_model=adapter.base_model)
+    def _swap(self, adapter: AdapterFile, version: int, sha256: str, packed: Compact) -> Entry:
+        return self._register(adapter.task, version, sha256, adapter.spec, adapter.base_model, packed)
+
+    def _register(
+        self,
+        task: str,
+        version: int,
+        sha256: str,
+        spec: MethodSpec,
+        base: str | None,
+        packed: Compact | None,
+        gauges: bool = True,
+    ) -> Entry:
+        entry = Entry(task, version, sha256, spec, spec.param_count(self.fingerprint.geometry), base_model=base)
+        if packed is not None:
+            self.host.put(entry.key, packed)
         with self._lock:
-            old = self._active.get(adapter.task)
-            self._active[adapter.task] = entry
-            self._unavailable.pop(adapter.task, None)
-            if old is not None:
-                self._retire(old.slot)
-        self._update_gauges()
+            old = self._active.get(task)
+            self._active[task] = entry
+            self._unavailable.pop(task, None)
+        if old is not None and old.key != entry.key:
+            self._retire(old.key)
+        if gauges:
+            self._update_gauges()
+        if self.on_new_version is not None:
+            self.on_new_version(entry)
         return entry
 
-    # ---- slots -------------------------------------------------------------------------------
-    def _allocate(self, task: str) -> int:
-        """A free slot. The last one is kept for updates: a new task may not take it, so an existing task can
-        always get the second slot its new version needs until the old one's batches end."""
+    # ---- leaving the tiers ---------------------------------------------------------------------
+    def _retire(self, key: tuple) -> None:
+        """A version no longer active: it leaves the tiers now if no request holds it, else when the last ends."""
         with self._lock:
-            free = len(self._free) + self.bank.max_slots - self._next_slot
-            kept = 1 if task not in self._active and self.bank.max_slots > 1 else 0
-            if free <= kept:
-                raise BankFull(
-                    f"all {self.bank.max_slots} adapter slots are in use (one is kept for updates of existing tasks)"
-                )
-            if self._free:
-                return self._free.pop()
-            self._next_slot += 1
-            return self._next_slot - 1
+            held = self._refs[key] > 0
+            if held:
+                self._retired.add(key)
+        if not held:
+            self._forget(key)
 
-    def _return_unused(self, slot: int) -> None:
-        with self._lock:
-            self._free_slot(slot)
+    def _forget(self, key: tuple) -> None:
+        self.host.drop(key)
+        self.device.drop(key)
 
-    def _retire(self, slot: int) -> None:
-        """Called under the lock: free now if no batch holds the slot, else when the last one ends."""
-        if self._refs[slot] > 0:
-            self._retired.add(slot)
-        else:
-            self._free_slot(slot)
-
-    def _free_slot(self, slot: int) -> None:
-        self.bank.clear(slot)
-        self._free.append(slot)
+    def resident(self) -> int:
+        """Versions held in memory, host or device (active and draining)."""
+        host = self.host.keys()
+        return len(host) + sum(1 for k in self.device.versions() if k not in host)
 
     def _update_gauges(self) -> None:
         self.metrics.adapters_active.set(len(self._active))
         self.metrics.adapters_unavailable.set(len(self._unavailable))
-        self.metrics.adapters_resident.set(self.bank.loaded())
+        self.metrics.adapters_resident.set(self.resident())

@@ -1,10 +1,11 @@
 """The event loop's side of the engine: accept, queue with backpressure, wait, cancel.
 
 A request is validated and tokenized before it gets here (one bad request never fails a batch) and
-arrives with its adapter version leased. `submit` hands it to the `DecodeLoop` thread, which admits it
-at its next step; the queue is bounded (503 + Retry-After when full), and a caller that gives up (client
-gone, timeout, a cluster re-send) marks its job cancelled: the loop drops its rows at the next step and
-releases the lease then, never while a row still reads the slot.
+arrives with its adapter version leased; `submit` fetches the version's weights into the host tier (a
+cold task's first request reads the store here, off the event loop) and hands it to the `DecodeLoop`
+thread, which admits it at its next step; the queue is bounded (503 + Retry-After when full), and a
+caller that gives up (client gone, timeout, a cluster re-send) marks its job cancelled: the loop drops
+its rows at the next step and releases the lease then, never while a row still reads the slot.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .compact import Compact
 from .engine import Engine
-from .errors import NotReady, Overloaded, RequestTimeout
+from .errors import KronserveError, NotReady, Overloaded, RequestTimeout
 from .jobs import Job, TokenStream
 from .loop import Bounds, DecodeLoop
 from .messages import GenerationParams
@@ -68,12 +70,22 @@ class Scheduler:
         Takes over the caller's lease on `entry`: it is released when the request leaves the engine, or here if
         it never enters the queue. With `stream`, the engine also pushes each input's tokens as it picks them.
         """
-        job = Job(entry, inputs, targets, params, time.monotonic() + self.timeout_s, self._future(), stream=stream)
-        if not self._accepting or self.loop.waiting >= self.queue_size:
+        refused = self._refusal()
+        if refused is not None:
+            self.engine.registry.release([entry])
+            raise refused
+        try:
+            packed = await self._fetch(entry)
+        except BaseException:
+            self.engine.registry.release([entry])
+            raise
+        job = Job(
+            entry, packed, inputs, targets, params, time.monotonic() + self.timeout_s, self._future(), stream=stream
+        )
+        refused = self._refusal()
+        if refused is not None:
             self._release(job)
-            if not self._accepting:
-                raise NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
-            raise Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
+            raise refused
         self.loop.put(job)
         self.metrics.queue_depth.set(self.loop.waiting)
         try:
@@ -84,6 +96,22 @@ class Scheduler:
         except asyncio.CancelledError:
             self._cancel(job)
             raise
+
+    def _refusal(self) -> KronserveError | None:
+        if not self._accepting:
+            return NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
+        if self.loop.waiting >= self.queue_size:
+            return Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
+        return None
+
+    async def _fetch(self, entry: Entry) -> Compact:
+        """The version's packed weights: a host-tier hit here, else read and validated off the event loop, so the
+        engine thread never waits on the store."""
+        registry = self.engine.registry
+        packed = registry.host.peek(entry.key)
+        if packed is not None:
+            return registry.fetch(entry)  # counts the hit and refreshes its LRU place
+        return await asyncio.to_thread(registry.fetch, entry)
 
     def _cancel(self, job: Job) -> None:
         """The caller gave up: the loop drops the job at its next step (queued or running) and frees the lease."""

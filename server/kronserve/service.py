@@ -1,4 +1,4 @@
-"""The single-process backend: settings, metrics, engine (backbone, bank, registry), scheduler.
+"""The single-process backend: settings, metrics, engine (backbone, tiers, registry), scheduler.
 
 The API calls it through the `Backend` protocol (api/backend.py), the same one the cluster gateway
 implements, so one set of routes serves both. Built in the app factory; nothing is module-global.
@@ -193,13 +193,34 @@ class Service:
         if self.changes is not None:
             self.changes.publish(task)
 
-    async def adapters(self) -> list[dict[str, object]]:
-        return [e.describe() for e in self.engine.registry.entries()]
+    async def adapters(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """A page of registered tasks in task order (all of them when `limit` is None), and the next page's cursor."""
+        registry = self.engine.registry
+        entries, cursor = registry.page(after, registry.count() if limit is None else limit)
+        return [self._described(e) for e in entries], cursor
 
     async def adapter(self, task: str, pin: VersionRef | None = None) -> dict[str, object]:
         if pin is not None:
             await self._ensure(task, pin)
         return self._described(self.engine.registry.get(task))
+
+    async def pin_task(self, task: str, pinned: bool) -> dict[str, object]:
+        """Keep the task on the device (never evicted), or return it to LRU; this process only, until restart
+        (KRONSERVE_PINNED_TASKS is the lasting list)."""
+        engine = self.engine
+        entry = engine.registry.get(task)
+        await asyncio.to_thread(engine.pin if pinned else engine.unpin, task)
+        return self._described(entry)
+
+    def tiers(self) -> dict[str, dict[str, int]]:
+        """Each tier's resident adapters, bytes and budget (`/v1/cluster` shows every replica's)."""
+        e = self.engine
+        return {
+            "host": {"adapters": e.host.count(), "bytes": e.host.used_bytes, "budget_bytes": e.host.budget},
+            "device": {"adapters": e.device.count(), "bytes": e.device.used_bytes, "budget_bytes": e.device.budget},
+        }
 
     async def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -214,7 +235,7 @@ class Service:
         return idle
 
     def _described(self, entry: Entry) -> dict[str, object]:
-        return {**entry.describe(), "replica": self.name}
+        return {**entry.describe(), **self.engine.where(entry), "replica": self.name}
 
     async def _submit(
         self,
@@ -263,9 +284,22 @@ class Service:
             store=open_store(s.store, s.s3_endpoint_url, s.fault_point),
             metrics=self.metrics,
             max_input_tokens=s.max_input_tokens,
+            host_adapter_mb=s.host_adapter_mb,
+            device_adapter_mb=s.device_adapter_mb,
             max_adapters=s.max_adapters,
         )
-        engine.registry.load_store(self.preload)
+        started = time.perf_counter()
+        indexed = engine.registry.load_store(self.preload)
+        log.info(
+            "indexed %d stored adapters in %.2f s (weights load on first use)",
+            len(indexed),
+            time.perf_counter() - started,
+        )
+        for task in s.pinned:
+            try:
+                engine.pin(task)
+            except KronserveError as e:
+                log.error("cannot pin %r: %s", task, e)
         if self.preload is None and s.backbone is None and DEMO_TASK not in {e.task for e in engine.registry.entries()}:
             self._add_demo_adapter(engine)
         return engine

@@ -46,7 +46,7 @@ class SiteRouter:
 
 
 class AdapterSite(nn.Module):
-    """`f + A(...)`: the adapter runs in the backbone's dtype (`dtype`, the bank's), whatever dtype its inputs
+    """`f + A(...)`: the adapter runs in the backbone's dtype (`dtype`, the device tier's), whatever dtype its inputs
     arrive in (a float16 T5 keeps `wo`, hence the residual stream after a feed-forward, in float32); the sum
     takes the sublayer output's dtype, as the stock layer's own sum does."""
 
@@ -115,7 +115,7 @@ _INSTALLED = (AdapterSite, RoutedNorm, RoutedLinear)
 
 
 def sublayers(model: T5ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
-    """(site name, sublayer) in the bank's site order."""
+    """(site name, sublayer) in the backbone's site order (Geometry.all_sites)."""
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name)
         kinds = ("mh", "ffn") if stack_name == "encoder" else ("mh", "cross", "ffn")

@@ -39,7 +39,10 @@ def test_routed_projection_equals_dense_reference(engine: Engine, adapter_for, p
     a1 = adapter_for("l1", "lora", seed=1, std=0.1, rank=4, alpha=8.0, targets=all_targets)
     a2 = adapter_for("l2", "lora", seed=2, std=0.1, rank=2, alpha=16.0, targets=all_targets, rslora=True)
     c = adapter_for("c", "compacter", seed=3)
-    slots = [engine.load(a).slot for a in (a1, a2, c)]
+    for a in (a1, a2, c):
+        engine.load(a)
+    entries = engine.registry.acquire(["l1", "l2", "c"])
+    slots = engine.hold(entries, [engine.registry.fetch(e) for e in entries])
     stack, block, site, kind = projection.split(".")
     layer = getattr(engine.backbone.model, stack).block[int(block)].layer[{"mh": 0, "cross": 1, "ffn": -1}[site]]
     owner = (
@@ -48,7 +51,7 @@ def test_routed_projection_equals_dense_reference(engine: Engine, adapter_for, p
     lin = getattr(owner, kind)
     rows = [(slots[0], a1), (-1, None), (slots[1], a2), (slots[2], None), (slots[0], a1)]
     x = torch.randn(len(rows), 3, lin.inner.in_features)
-    with torch.no_grad(), engine.router.activate(engine.bank.plan(Route.of([r[0] for r in rows]))):
+    with torch.no_grad(), engine.router.activate(engine.device.plan(Route.of([r[0] for r in rows]))):
         got = lin(x)
     w = lin.inner.weight
     for b, (_, a) in enumerate(rows):

@@ -7,7 +7,7 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Path, Request, Response, Security
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
@@ -37,6 +37,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
     return {s: {"model": ErrorResponse, "description": _WHEN[s]} for s in statuses}
 
 
+DEFAULT_PAGE, MAX_PAGE = 1000, 10000  # adapters per page of GET /v1/adapters
+NEXT_HEADER = "x-next-after"
 TaskPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="task id", examples=["sst2"])]
 # The admin token, as a security scheme: /docs gets an Authorize button. Checked by require_admin (constant time).
 admin_bearer = HTTPBearer(
@@ -152,17 +154,64 @@ async def score(body: ScoreRequest, backend: BackendDep, request: Request, respo
         }
     },
 )
-async def upload_adapter(task: TaskPath, request: Request, backend: BackendDep, response: Response) -> AdapterInfo:
+async def upload_adapter(
+    task: TaskPath,
+    request: Request,
+    backend: BackendDep,
+    response: Response,
+    pin: Annotated[
+        bool, Query(description="also keep the task on the device, never evicted (see PUT .../pin)")
+    ] = False,
+) -> AdapterInfo:
     """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts."""
     backend.readiness()  # refuse (503) before reading a large body we could not serve
     body = await _read_limited(request, backend.settings.max_upload_bytes)
     parts = await _file_parts(request, body)
-    return _info(await backend.upload(task, parts), response)
+    info = await backend.upload(task, parts)
+    if pin:
+        info = await backend.pin_task(task, True)
+    return _info(info, response)
 
 
-@router.get("/v1/adapters", response_model=list[AdapterInfo], responses=_errors(503))
-async def list_adapters(backend: BackendDep) -> list[AdapterInfo]:
-    return [_info(info) for info in await backend.adapters()]
+@router.get("/v1/adapters", response_model=list[AdapterInfo], responses=_errors(422, 503))
+async def list_adapters(
+    backend: BackendDep,
+    response: Response,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = DEFAULT_PAGE,
+    after: Annotated[str | None, Query(description="the last task of the previous page (its Link: rel=next)")] = None,
+) -> list[AdapterInfo]:
+    """Registered tasks in task order, one page at a time: while there are more, the `Link` header names the next
+    page (`rel="next"`) and `X-Next-After` its cursor."""
+    infos, cursor = await backend.adapters(after, limit)
+    if cursor is not None:
+        url = request.url.include_query_params(after=cursor, limit=limit)
+        response.headers["link"] = f'<{url}>; rel="next"'
+        response.headers[NEXT_HEADER] = cursor
+    return [_info(info) for info in infos]
+
+
+@router.put(
+    "/v1/adapters/{task}/pin",
+    response_model=AdapterInfo,
+    responses=_errors(401, 404, 409, 422, 503),
+    dependencies=[Depends(require_admin)],
+)
+async def pin_adapter(task: TaskPath, backend: BackendDep, response: Response) -> AdapterInfo:
+    """Keep `task` on the device, never evicted (this process, until restart; KRONSERVE_PINNED_TASKS lasts).
+    409 `pin_refused` when the pinned adapters would need more than the device budget."""
+    return _info(await backend.pin_task(task, True), response)
+
+
+@router.delete(
+    "/v1/adapters/{task}/pin",
+    response_model=AdapterInfo,
+    responses=_errors(401, 404, 422, 503),
+    dependencies=[Depends(require_admin)],
+)
+async def unpin_adapter(task: TaskPath, backend: BackendDep, response: Response) -> AdapterInfo:
+    """Return `task` to the device tier's LRU (it stays resident until evicted)."""
+    return _info(await backend.pin_task(task, False), response)
 
 
 @router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_errors(404, 422, 503))

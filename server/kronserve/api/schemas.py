@@ -117,6 +117,12 @@ class AdapterInfo(BaseModel):
         description="the backbone an imported adapter's source declares it was trained on (PEFT "
         "base_model_name_or_path, AdapterHub model_name); null: not declared",
     )
+    tier: Literal["device", "host", "store"] = Field(
+        default="store",
+        description="where its weights are now: device (batches read it), host (packed in RAM), store (on disk only)",
+    )
+    pinned: bool = Field(default=False, description="kept on the device, never evicted")
+    resident_bytes: int = Field(default=0, description="bytes it takes in the host or device tier (packed form)")
 
 
 class ErrorBody(BaseModel):

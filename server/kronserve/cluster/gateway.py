@@ -99,13 +99,17 @@ class ClusterBackend:
     async def delete(self, task: str) -> None:
         await self._forward(task, "delete", task, retry=False)
 
-    async def adapters(self) -> list[dict[str, object]]:
-        """The store's tasks, each described by a replica holding its active version (loaded if none does)."""
+    async def adapters(self, after: str | None, limit: int | None) -> tuple[list[dict[str, object]], str | None]:
+        """A page of the store's tasks, each described by a replica holding its active version (loaded if none
+        does)."""
         held: dict[tuple[str, str], dict[str, object]] = {}
-        for infos in await self._everywhere("adapters"):
+        for page in await self._everywhere("adapters"):
+            infos, _ = page
             held.update({(str(i["task"]), str(i["sha256"])): i for i in infos})
+        tasks = [t for t in await asyncio.to_thread(self.store.tasks) if after is None or t > after]
+        limit = len(tasks) if limit is None else limit
         out = []
-        for task in await asyncio.to_thread(self.store.tasks):
+        for task in tasks[:limit]:
             ref = await asyncio.to_thread(self.store.active, task)
             if ref is None:
                 continue
@@ -117,7 +121,12 @@ class ClusterBackend:
                     log.error("list: skipping task %r: %s", task, e)
                     continue
             out.append(info)
-        return out
+        return out, (tasks[limit - 1] if len(tasks) > limit else None)
+
+    async def pin_task(self, task: str, pinned: bool) -> dict[str, object]:
+        """On the task's replica (its owner while it is up): pins are per process."""
+        await self._forward(task, "adapter", task, await self._pin(task))
+        return await self._forward(task, "pin_task", task, pinned, retry=False)
 
     async def metrics_text(self) -> bytes:
         """The gateway's metrics and every live replica's, each sample labelled with where it came from."""

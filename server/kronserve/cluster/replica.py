@@ -75,4 +75,5 @@ class Replica:
         """Who and what: the gateway's health probe, and what tests need to find and kill a replica."""
         entries = self.service.engine.registry.entries() if self.service.ready else []
         tasks = {e.task: e.version for e in entries}
-        return {"name": self.name, "pid": os.getpid(), "ready": self.service.ready, "tasks": tasks}
+        tiers = self.service.tiers() if self.service.ready else {}
+        return {"name": self.name, "pid": os.getpid(), "ready": self.service.ready, "tasks": tasks, "tiers": tiers}

@@ -96,6 +96,22 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
     return AdapterFile(str(metadata["task"]), spec, fingerprint, tensors, _base_model(metadata))
 
 
+def loads_header(head: bytes, expect: Fingerprint) -> tuple[MethodSpec, str | None, int]:
+    """(spec, declared base model, file size the header describes) from a file's first bytes (at least its
+    header): every check `loads` makes before reading tensor data. Registering a stored version needs no more
+    (a size that differs from the file's is damage the caller reports); its weights are read and their values
+    checked when a request first needs them."""
+    header = _header(head, header_limit(expect.geometry))
+    ends = [e.get("data_offsets") for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
+    data = max((int(e[1]) for e in ends if isinstance(e, list) and len(e) == 2 and isinstance(e[1], int)), default=0)
+    metadata = _metadata(header)
+    spec = _spec_of(metadata)
+    fingerprint = Fingerprint.from_dict(_json_field(metadata, "backbone"))
+    expect.check(fingerprint)
+    check_header(spec, fingerprint.geometry, header)
+    return spec, _base_model(metadata), 8 + int.from_bytes(head[:8], "little") + data
+
+
 def is_native(data: bytes) -> bool:
     """Whether `data` is a safetensors file whose metadata says kronserve (valid or not: `loads` says).
 

@@ -54,13 +54,13 @@ class Geometry:
         return {"q": (d, a), "k": (d, a), "v": (d, a), "o": (a, d), "wi": (d, f), "wo": (f, d)}[kind]
 
     def all_sites(self) -> list[str]:
-        """Every site the backbone has, in a fixed order (the bank's site index)."""
+        """Every site the backbone has, in a fixed order (the plan's site index)."""
         enc = [f"encoder.{i}.{k}" for i in range(self.num_layers) for k in ENCODER_KINDS]
         dec = [f"decoder.{i}.{k}" for i in range(self.num_decoder_layers) for k in DECODER_KINDS]
         return enc + dec
 
     def all_norms(self) -> list[str]:
-        """Every T5 RMSNorm, in a fixed order (the bank's norm index)."""
+        """Every T5 RMSNorm, in a fixed order (the plan's norm index)."""
         return (
             [f"layer_norm.{s}" for s in self.all_sites() if s.startswith("encoder")]
             + ["layer_norm.encoder.final"]
@@ -97,6 +97,21 @@ class MethodSpec(BaseModel):
     layer_norms: bool = False
 
     family: ClassVar[str]
+    kernel: ClassVar[str]  # which plan computation serves it: "bottleneck", "phm" or "lora" (see compact.py)
+
+    def compact(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors a device keeps to serve this adapter, named as the plan reads them (scaling folded in).
+
+        Only the sites and projections the adapter uses appear, so an adapter costs its own size whatever
+        else is loaded; per-task norms keep their file names.
+        """
+        out = self.compact_own(geometry, tensors)
+        if self.layer_norms:
+            out.update({name: tensors[name] for name in geometry.all_norms()})
+        return out
+
+    def compact_own(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def check_geometry(self, geometry: Geometry) -> None:
         total = geometry.num_layers + geometry.num_decoder_layers
@@ -138,8 +153,19 @@ class AdapterSpec(MethodSpec):
             raise ValueError(f"sites repeat an entry: {list(v)}")
         return v
 
+    kernel: ClassVar[str] = "bottleneck"
+
     def bottleneck(self, geometry: Geometry) -> int:
         return geometry.d_model // self.reduction_factor
+
+    def compact_own(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each used site's dense bottleneck: `{site}.down_w` [d, k], `.down_b`, `.up_w` [k, d], `.up_b`."""
+        out = {}
+        for site in self.active_sites(geometry):
+            a = self.dense(tensors, site)
+            out.update({f"{site}.down_w": a.down_w, f"{site}.down_b": a.down_b})
+            out.update({f"{site}.up_w": a.up_w, f"{site}.up_b": a.up_b})
+        return out
 
     def check_geometry(self, geometry: Geometry) -> None:
         """Raise InvalidSpec naming the field that does not fit this backbone."""
@@ -151,7 +177,7 @@ class AdapterSpec(MethodSpec):
             raise InvalidSpec("sites and leave_out leave no site for this backbone")
 
     def active_sites(self, geometry: Geometry) -> list[str]:
-        """The sites this adapter acts at, in the bank's order."""
+        """The sites this adapter acts at, in the backbone's site order."""
         return [
             s
             for s in geometry.all_sites()

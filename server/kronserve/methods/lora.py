@@ -20,6 +20,7 @@ from .base import Geometry, LinearKind, MethodSpec
 
 class LoraSpec(MethodSpec):
     family = "lora"
+    kernel = "lora"
 
     method: Literal["lora"]
     rank: int = Field(ge=1, le=4096)
@@ -76,6 +77,13 @@ class LoraSpec(MethodSpec):
             else:  # kaiming_uniform_(a=sqrt(5)): bound = 1 / sqrt(fan_in)
                 bound = 1 / math.sqrt(shape[1])
                 out[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        return out
+
+    def compact_own(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`{linear}.A` [in, r] and `{linear}.B` [r, out] (scale folded) per targeted projection, at its own rank."""
+        out = {}
+        for lin in self.active_linears(geometry):
+            out[f"{lin}.A"], out[f"{lin}.B"] = self.low_rank(tensors, lin)
         return out
 
     def low_rank(self, tensors: dict[str, torch.Tensor], linear: str) -> tuple[torch.Tensor, torch.Tensor]:

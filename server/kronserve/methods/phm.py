@@ -35,6 +35,7 @@ def phm_matrix(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class PHMSpec(AdapterSpec):
     family = "phm"
+    kernel = "phm"
 
     method: Literal["compacter", "compacter++", "phm"]
     phm_dim: int = Field(ge=1)
@@ -84,13 +85,32 @@ class PHMSpec(AdapterSpec):
         up_w, up_b = self._projection(tensors, site, "up")
         return DenseAdapter(down_w, down_b, up_w * self.scaling, up_b * self.scaling)
 
+    def compact_own(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The factors themselves, never `H` (see kernels.phm): a shared `rule` [n, n, n] once, and per used site
+        and projection its own `.rule` (per-layer rule), `.L` [n, in/n, r] and `.R` [n, r, out/n] (or `.W`
+        [n, in/n, out/n] when dense) and `.b`; a factorized rule is multiplied out (n³ numbers)."""
+        out = {"rule": self._rule(tensors, "")} if self.shared_rule else {}
+        for site in self.active_sites(geometry):
+            for proj in ("down", "up"):
+                p = f"{site}.{proj}."
+                scale = self.scaling if proj == "up" else 1.0
+                if not self.shared_rule:
+                    out[f"{p}rule"] = self._rule(tensors, p)
+                if self.rank is None:
+                    out[f"{p}W"] = tensors[f"{p}W"] * scale
+                else:
+                    out[f"{p}L"], out[f"{p}R"] = tensors[f"{p}W_left"], tensors[f"{p}W_right"] * scale
+                out[f"{p}b"] = tensors[f"{p}b"] * scale
+        return out
+
+    def _rule(self, t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        if self.factorized_rule:
+            return torch.bmm(t[f"{prefix}phm_rule_left"], t[f"{prefix}phm_rule_right"])
+        return t[f"{prefix}phm_rule"]
+
     def _projection(self, t: dict[str, torch.Tensor], site: str, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         p = f"{site}.{proj}."
-        rule_prefix = "" if self.shared_rule else p
-        if self.factorized_rule:
-            rule = torch.bmm(t[f"{rule_prefix}phm_rule_left"], t[f"{rule_prefix}phm_rule_right"])
-        else:
-            rule = t[f"{rule_prefix}phm_rule"]
+        rule = self._rule(t, "" if self.shared_rule else p)
         w = t[f"{p}W"] if self.rank is None else torch.bmm(t[f"{p}W_left"], t[f"{p}W_right"])
         return phm_matrix(rule, w), t[f"{p}b"]
 

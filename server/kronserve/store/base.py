@@ -67,6 +67,12 @@ class AdapterStore(ABC):
     def read(self, ref: VersionRef) -> bytes:
         """The version's bytes, verified against its sha256."""
 
+    def head(self, ref: VersionRef, limit: int) -> tuple[bytes, int]:
+        """The version's first bytes (at least its safetensors header, when it is at most `limit` bytes) and the
+        file's size: what registering a stored version reads. This default reads the whole file."""
+        data = self.read(ref)
+        return data, len(data)
+
     @abstractmethod
     def write(self, task: str, data: bytes) -> VersionRef:
         """Store a new immutable version (not active yet)."""

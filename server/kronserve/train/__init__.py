@@ -2,7 +2,7 @@
 
 The trainer installs the same routed modules as the engine (`install_sites`) and drives them with a
 `TrainablePlan`, whose deltas come from the file's own tensors through `spec.dense` (`spec.low_rank`
-for LoRA), the functions the bank materializes a loaded file with. So the tensors that are optimized
+for LoRA), the functions serving computes a loaded file with. So the tensors that are optimized
 are exactly the tensors written to the native file, and the server's outputs on that file match the
 trainer's held-out predictions (one code path, not a re-implementation).
 

@@ -13,7 +13,7 @@ class TrainablePlan:
     """The `SitePlan` for one task on every row, differentiable in the adapter's tensors.
 
     `params` holds the native file's tensors by their native names, as float32 leaves. `spec.dense`
-    (`spec.low_rank` for LoRA) turns them into each site's weights on every call, as the bank does on
+    (`spec.low_rank` for LoRA) turns them into each site's weights on every call, as serving does on
     load, so the gradient reaches the stored form (PHM rule and factors, not a materialized matrix)
     and nothing needs converting before `save`.
     """
@@ -71,7 +71,7 @@ def _indexed(order: list[str], names: list[str]) -> dict[int, str]:
 
 
 def adapter_input(placement: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """What the adapter reads, as the bank defines it: Houlsby the sublayer output, Pfeiffer the sum, parallel x."""
+    """What the adapter reads, as serving defines it: Houlsby the sublayer output, Pfeiffer the sum, parallel x."""
     match placement:
         case "houlsby":
             return f

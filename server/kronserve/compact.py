@@ -1,0 +1,88 @@
+"""An adapter in the form the tiers keep: one flat tensor of its compact parts, and the layout that names them.
+
+`MethodSpec.compact` says what a method keeps (PHM: its factors; bottlenecks: down/up per used site;
+LoRA: A/B per targeted projection at its own rank). Here those parts are packed into one contiguous
+buffer in the serving dtype: the host tier holds that buffer, and a device pool row is a copy of it, so
+a device load is one copy and an adapter costs its own bytes. Adapters whose layouts are equal (same
+method options, sites and shapes) share a pool and are gathered per row by one `index_select` per part.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidAdapter
+from .formats.native import AdapterFile
+from .methods import Geometry, MethodSpec
+
+
+@dataclass(frozen=True)
+class Part:
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """What one pool's rows hold: the kernel that reads them, its options, and each part's place in the row."""
+
+    kernel: str  # "bottleneck", "phm" or "lora"
+    activation: str | None
+    placement: str | None
+    parts: dict[str, Part] = field(repr=False)
+    numel: int
+    sites: frozenset[str]  # sites with an adapter (bottleneck and PHM kernels)
+    linears: frozenset[str]  # projections with a LoRA update
+    norms: bool  # per-task layer norms
+
+
+@functools.cache
+def layout_of(kernel: str, activation: str | None, placement: str | None, shapes: tuple) -> Layout:
+    """One Layout object per distinct layout (interned, so pools are found by identity)."""
+    parts, offset = {}, 0
+    for name, shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        parts[name] = Part(offset, numel, shape)
+        offset += numel
+    ends = {"bottleneck": ".down_b", "phm": ".down.b", "lora": ".A"}[kernel]
+    used = frozenset(name[: -len(ends)] for name in parts if name.endswith(ends))
+    sites, linears = (frozenset(), used) if kernel == "lora" else (used, frozenset())
+    norms = any(name.startswith("layer_norm.") for name in parts)
+    return Layout(kernel, activation, placement, parts, offset, sites, linears, norms)
+
+
+@dataclass(frozen=True, eq=False)
+class Compact:
+    layout: Layout
+    flat: torch.Tensor  # [layout.numel], serving dtype, CPU
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
+def compact(adapter: AdapterFile, dtype: torch.dtype) -> Compact:
+    """Pack a validated adapter; a part that is not finite in `dtype` (float16 overflow) is refused, naming it."""
+    spec = adapter.spec
+    parts = spec.compact(adapter.geometry, adapter.tensors)
+    flat = torch.cat([t.reshape(-1) for t in parts.values()]).to(dtype)
+    if not torch.isfinite(flat).all():
+        bad = next(n for n, t in parts.items() if not torch.isfinite(t.to(dtype)).all())
+        raise InvalidAdapter(f"{bad}: the adapter's weights are not finite in {dtype}")
+    shapes = tuple((name, tuple(t.shape)) for name, t in parts.items())
+    layout = layout_of(spec.kernel, getattr(spec, "activation", None), getattr(spec, "placement", None), shapes)
+    return Compact(layout, flat)
+
+
+@functools.cache
+def packed_bytes(spec: MethodSpec, geometry: Geometry, dtype: torch.dtype) -> int:
+    """What `compact` would make of an adapter of `spec`, in bytes, without its tensors (meta tensors)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in spec.tensor_shapes(geometry).items()}
+    numel = sum(t.numel() for t in spec.compact(geometry, meta).values())
+    return numel * torch.empty((), dtype=dtype).element_size()

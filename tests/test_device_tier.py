@@ -1,0 +1,134 @@
+"""The device tier: each adapter is computed from its compact form exactly as the method's dense definition says,
+mixed batches of layouts included; eviction follows LRU within the byte budget and never takes a held or pinned
+version; weights the serving dtype cannot hold are refused before anything is resident."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kronserve.compact import compact
+from kronserve.engine import Engine
+from kronserve.errors import InvalidAdapter, PinRefused
+from kronserve.kernels import ACTIVATIONS
+from kronserve.plan import Route
+
+from .conftest import held_slots, make_adapter
+
+PHM_OPTIONS = [  # every PHM-family option: factorized rule, rank > 1, dense W, per-layer rule, every placement
+    dict(zip(("factorized_rule", "rank", "shared_rule", "placement"), combo, strict=True))
+    for combo in itertools.product((False, True), (1, 2, None), (True, False), ("houlsby", "pfeiffer", "parallel"))
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def dense_reference(adapter, site: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The adapter from its spec's dense form (`spec.dense`, checked against torch.kron in tests/methods)."""
+    spec, d = adapter.spec, adapter.spec.dense(adapter.tensors, site)
+    z = {"houlsby": f, "pfeiffer": x + f, "parallel": x}[spec.placement]
+    return ACTIVATIONS[spec.activation](z @ d.down_w + d.down_b) @ d.up_w + d.up_b
+
+
+def engine_in(backbone, dtype: torch.dtype, **kwargs) -> Engine:
+    backbone.model.to(dtype)
+    backbone.dtype = dtype
+    return Engine(backbone, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_compact_phm_equals_the_dense_reference_for_every_option(backbone, dtype: torch.dtype) -> None:
+    engine = engine_in(backbone, dtype)
+    adapters = []
+    for i, options in enumerate(PHM_OPTIONS):
+        method = "phm" if options["rank"] is None else "compacter"
+        a = make_adapter(backbone, f"t{i}", method, seed=i, std=0.2, **options)
+        engine.load(a)
+        adapters.append(a)
+    slots = held_slots(engine, [a.task for a in adapters] + [None])  # one mixed batch, a bare row included
+    g = torch.Generator().manual_seed(0)
+    x, f = (torch.randn(len(slots), 3, engine.geometry.d_model, generator=g) for _ in range(2))
+    with torch.inference_mode():
+        for plan in (engine.device.plan(Route.of(slots)),):
+            for site in ("encoder.0.mh", "decoder.1.ffn"):
+                index = engine.device.names.sites.index(site)
+                got = plan.delta(index, x.to(dtype), f.to(dtype)).float()
+                for row, a in enumerate(adapters):
+                    want = dense_reference(a, site, x[row], f[row])
+                    tol = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+                    torch.testing.assert_close(got[row], want, rtol=0, atol=tol, msg=f"{a.spec} at {site}")
+                assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # the bare row adds exactly nothing
+
+
+def test_mixed_layouts_in_one_plan_each_get_their_own(backbone) -> None:
+    engine = Engine(backbone)
+    kinds = [("c", "compacter", {}), ("h", "houlsby", {}), ("p", "pfeiffer", {}), ("l", "lora", {"rank": 4})]
+    loaded = {t: make_adapter(backbone, t, m, seed=i, **o) for i, (t, m, o) in enumerate(kinds)}
+    for a in loaded.values():
+        engine.load(a)
+    tasks = ["c", "h", None, "p", "c", "l"]
+    slots = held_slots(engine, tasks)
+    x, f = torch.randn(6, 2, 128), torch.randn(6, 2, 128)
+    site = "encoder.1.ffn"
+    got = engine.device.plan(Route.of(slots)).delta(engine.device.names.sites.index(site), x, f)
+    for row, task in enumerate(tasks):
+        if task in ("c", "h", "p"):
+            want = dense_reference(loaded[task], site, x[row], f[row])
+            torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+        else:  # the bare row and LoRA (no bottleneck here) add exactly 0
+            assert torch.equal(got[row], torch.zeros_like(got[row]))
+
+
+def test_weights_the_dtype_cannot_hold_are_refused_before_anything_is_resident(backbone) -> None:
+    engine = engine_in(backbone, torch.float16)
+    good = make_adapter(backbone, "good", "houlsby")
+    engine.load(good)
+    bad = make_adapter(backbone, "bad", "houlsby")
+    bad.tensors["encoder.0.ffn.up.bias"][0] = 1e6  # over float16's 65504
+    with pytest.raises(InvalidAdapter, match=r"encoder\.0\.ffn\.up_b: .* not finite in torch\.float16"):
+        compact(bad, torch.float16)
+    with pytest.raises(InvalidAdapter):
+        engine.load(bad)
+    assert engine.registry.peek("bad") is None and engine.registry.resident() == 1
+
+
+def lru_engine(backbone, adapters: int) -> tuple[Engine, int]:
+    size = make_adapter(backbone, "probe", "compacter").spec.param_count(backbone.fingerprint.geometry) * 4
+    engine = Engine(backbone, device_adapter_mb=adapters * size / 2**20)
+    for i in range(6):
+        engine.load(make_adapter(backbone, f"t{i}", "compacter", seed=i))
+    return engine, size
+
+
+def test_eviction_is_lru_within_the_budget_and_never_takes_a_held_version(backbone) -> None:
+    engine, size = lru_engine(backbone, adapters=2)
+    before = {t: engine.score([t], ["in"], ["out"]).scores[0] for t in ("t0", "t1", "t2")}
+    assert engine.device.used_bytes == 2 * size and engine.device.count() == 2
+    (held,) = held_slots(engine, ["t0"])  # t0 is held (a running request)
+    for t in ("t3", "t4", "t5"):
+        engine.score([t], ["in"], ["out"])
+        assert engine.device.resident(engine.registry.get("t0").key) is not None
+    assert engine.device.used_bytes == 2 * size
+    engine.release([held])
+    engine.score(["t1"], ["in"], ["out"])  # t0 is now the least recently used: it goes
+    assert engine.device.resident(engine.registry.get("t0").key) is None
+    for t, score in before.items():  # reloaded rows (and pools resized meanwhile) answer as before
+        assert engine.score([t], ["in"], ["out"]).scores[0] == pytest.approx(score, abs=1e-6)
+
+
+def test_a_pinned_task_stays_under_pressure_and_unpinning_returns_it_to_lru(backbone) -> None:
+    engine, _ = lru_engine(backbone, adapters=2)
+    engine.pin("t0")
+    key = engine.registry.get("t0").key
+    for t in ("t1", "t2", "t3", "t4"):
+        engine.score([t], ["in"], ["out"])
+        assert engine.device.resident(key) is not None
+    engine.pin("t1")
+    with pytest.raises(PinRefused, match="device budget"):
+        engine.pin("t2")  # three pinned would not fit two adapters' budget
+    engine.unpin("t0")
+    engine.unpin("t1")
+    for t in ("t3", "t4"):
+        engine.score([t], ["in"], ["out"])
+    assert engine.device.resident(key) is None
