@@ -157,9 +157,11 @@ class Engine:
     def where(self, entry: Entry) -> dict[str, object]:
         """Where the version's weights are, and what they cost there (GET /v1/adapters/{task})."""
         return {
-            "tier": self.registry.tier(entry),
-            "pinned": self.device.pinned(entry.task),
-            "resident_bytes": packed_bytes(entry.spec, self.geometry, self.device.dtype),
+            "residency": {
+                "tier": self.registry.tier(entry),
+                "pinned": self.device.pinned(entry.task),
+                "bytes": packed_bytes(entry.spec, self.geometry, self.device.dtype),
+            }
         }
 
     # ---- whole-batch generate (reference and static mode) and score --------------------------------

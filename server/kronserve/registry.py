@@ -15,6 +15,7 @@ version it started with; a replaced or deleted version leaves the tiers when its
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -49,10 +50,12 @@ class Entry:
     spec: MethodSpec
     params: int
     base_model: str | None = None  # the training backbone the adapter's source declared (native metadata)
+    serial: int = 0  # which registration: two with one version and hash (a storeless reload) are still two
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.task, self.version, self.sha256)
+    def key(self) -> tuple[str, int, str, int]:
+        """What the tiers know a version by."""
+        return (self.task, self.version, self.sha256, self.serial)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -87,6 +90,7 @@ class Registry:
         self._retired: set[tuple] = set()
         self._last_used: dict[str, float] = {}
         self._started = time.monotonic()
+        self._serials = itertools.count()
         self.on_new_version: Callable[[Entry], None] | None = None  # the engine reloads pinned tasks' new versions
 
     # ---- reads -------------------------------------------------------------------------------
@@ -367,7 +371,8 @@ class Registry:
         packed: Compact | None,
         gauges: bool = True,
     ) -> Entry:
-        entry = Entry(task, version, sha256, spec, spec.param_count(self.fingerprint.geometry), base_model=base)
+        params = spec.param_count(self.fingerprint.geometry)
+        entry = Entry(task, version, sha256, spec, params, base, next(self._serials))
         if packed is not None:
             self.host.put(entry.key, packed)
         with self._lock:

@@ -194,17 +194,17 @@ class Service:
             self.changes.publish(task)
 
     async def adapters(
-        self, after: str | None = None, limit: int | None = None
+        self, after: str | None = None, limit: int | None = None, residency: bool = False
     ) -> tuple[list[dict[str, object]], str | None]:
         """A page of registered tasks in task order (all of them when `limit` is None), and the next page's cursor."""
         registry = self.engine.registry
         entries, cursor = registry.page(after, registry.count() if limit is None else limit)
-        return [self._described(e) for e in entries], cursor
+        return [self._described(e, residency) for e in entries], cursor
 
-    async def adapter(self, task: str, pin: VersionRef | None = None) -> dict[str, object]:
+    async def adapter(self, task: str, pin: VersionRef | None = None, residency: bool = False) -> dict[str, object]:
         if pin is not None:
             await self._ensure(task, pin)
-        return self._described(self.engine.registry.get(task))
+        return self._described(self.engine.registry.get(task), residency)
 
     async def pin_task(self, task: str, pinned: bool) -> dict[str, object]:
         """Keep the task on the device (never evicted), or return it to LRU; this process only, until restart
@@ -212,7 +212,7 @@ class Service:
         engine = self.engine
         entry = engine.registry.get(task)
         await asyncio.to_thread(engine.pin if pinned else engine.unpin, task)
-        return self._described(entry)
+        return self._described(entry, residency=True)
 
     def tiers(self) -> dict[str, dict[str, int]]:
         """Each tier's resident adapters, bytes and budget (`/v1/cluster` shows every replica's)."""
@@ -234,8 +234,10 @@ class Service:
             registry.evict(task)
         return idle
 
-    def _described(self, entry: Entry) -> dict[str, object]:
-        return {**entry.describe(), **self.engine.where(entry), "replica": self.name}
+    def _described(self, entry: Entry, residency: bool = False) -> dict[str, object]:
+        """The version's identity (stable: what clients compare), and with `residency` where it is now (live)."""
+        live = self.engine.where(entry) if residency else {}
+        return {**entry.describe(), **live, "replica": self.name}
 
     async def _submit(
         self,

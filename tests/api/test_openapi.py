@@ -64,7 +64,9 @@ EXPECTED = {
     ("put", "/v1/adapters/{task}"): {"201", "400", "401", "404", "409", "413", "415", "422", "503"},
     ("get", "/v1/adapters/{task}"): {"200", "404", "422", "503"},
     ("delete", "/v1/adapters/{task}"): {"204", "401", "404", "409", "422", "503"},
-    ("get", "/v1/adapters"): {"200", "503"},
+    ("get", "/v1/adapters"): {"200", "422", "503"},
+    ("put", "/v1/adapters/{task}/pin"): {"200", "401", "404", "409", "422", "503"},
+    ("delete", "/v1/adapters/{task}/pin"): {"200", "401", "404", "422", "503"},
     ("get", "/healthz"): {"200"},
     ("get", "/readyz"): {"200", "503"},
     ("get", "/metrics"): {"200"},
@@ -87,11 +89,12 @@ def test_each_operation_documents_the_responses_it_can_give(spec: dict) -> None:
                 assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
 
 
-def test_the_admin_token_is_a_bearer_scheme_on_put_and_delete_only(spec: dict) -> None:
+def test_the_admin_token_is_a_bearer_scheme_on_the_admin_operations_only(spec: dict) -> None:
     (scheme,) = spec["components"]["securitySchemes"].values()
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     secured = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items() if op.get("security")}
-    assert secured == {("put", "/v1/adapters/{task}"), ("delete", "/v1/adapters/{task}")}
+    admin = {(m, p) for m in ("put", "delete") for p in ("/v1/adapters/{task}", "/v1/adapters/{task}/pin")}
+    assert secured == admin
 
 
 def test_docs_load_nothing_from_outside(client: TestClient) -> None:

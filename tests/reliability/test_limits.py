@@ -1,6 +1,6 @@
-"""Limits behave as the README says: a full bank refuses a new task with 503 `bank_full` and Retry-After, leaving no
-trace in the store, while existing tasks can still be updated (one slot is kept for that); an input or target over
-`max_input_tokens` is refused with 422, never truncated."""
+"""Limits behave as the README says: a full catalogue (`max_adapters` registered tasks) refuses a new task with 503
+`bank_full` and Retry-After, leaving no trace in the store, while existing tasks can still be updated; an input or
+target over `max_input_tokens` is refused with 422, never truncated."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..e2e.conftest import Server, upload
 from .conftest import TIMEOUT, Payload, error_code, store_check
 
-SLOTS, MAX_INPUT_TOKENS, MAX_INPUTS = 3, 16, 70  # MAX_INPUTS above the default 64 the schema once hard-coded
+TASKS, MAX_INPUT_TOKENS, MAX_INPUTS = 2, 16, 70  # MAX_INPUTS above the default 64 the schema once hard-coded
 
 
 @pytest.fixture(scope="module")
 def small(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {
-        "KRONSERVE_MAX_ADAPTERS": str(SLOTS),
+        "KRONSERVE_MAX_ADAPTERS": str(TASKS),
         "KRONSERVE_MAX_INPUT_TOKENS": str(MAX_INPUT_TOKENS),
         "KRONSERVE_MAX_INPUTS": str(MAX_INPUTS),
         "KRONSERVE_METRICS_MAX_TASKS": "1",
@@ -38,7 +38,7 @@ def served(url: str, task: str) -> tuple[int, str]:
 
 
 def test_a_full_bank_refuses_new_tasks_but_updates_existing_ones(small: Server, payload: Payload) -> None:
-    for task in ("a", "b"):  # SLOTS - 1 tasks: the last slot is kept for updates
+    for task in ("a", "b"):  # TASKS tasks
         assert upload(small.url, task, payload(task, seed=1)).status_code == 201
 
     refused = upload(small.url, "c", payload("c", seed=1))
@@ -46,7 +46,7 @@ def test_a_full_bank_refuses_new_tasks_but_updates_existing_ones(small: Server, 
     assert int(refused.headers["retry-after"]) >= 1
     assert not (small.store / "c").exists()  # a refused upload leaves no empty task directory
 
-    for seed in (2, 3, 4):  # each update needs a second slot only until the swap
+    for seed in (2, 3, 4):  # an update is never refused: it registers no new task
         data = payload("a", seed=seed)
         r = upload(small.url, "a", data)
         assert r.status_code == 201, r.text
@@ -54,7 +54,7 @@ def test_a_full_bank_refuses_new_tasks_but_updates_existing_ones(small: Server, 
     assert upload(small.url, "c", payload("c", seed=1)).status_code == 503
 
     assert httpx.delete(f"{small.url}/v1/adapters/b", timeout=TIMEOUT).status_code == 204
-    assert upload(small.url, "c", payload("c", seed=1)).status_code == 201  # b's slot is free again
+    assert upload(small.url, "c", payload("c", seed=1)).status_code == 201  # b's place is free again
     code, report = store_check(small.store)
     assert code == 0 and sorted(report["ok"]) == ["a", "c"] and report["orphans"] == [], report
 

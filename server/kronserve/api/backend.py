@@ -42,11 +42,14 @@ class Backend(Protocol):
 
     async def delete(self, task: str) -> None: ...
 
-    async def adapters(self, after: str | None, limit: int | None) -> tuple[list[dict[str, object]], str | None]:
-        """A page of tasks after `after` in task order, and the next page's cursor (None: the last page)."""
+    async def adapters(
+        self, after: str | None, limit: int | None, residency: bool
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """A page of tasks after `after` in task order, and the next page's cursor (None: the last page); with
+        `residency`, each says where its weights are now."""
         ...
 
-    async def adapter(self, task: str) -> dict[str, object]: ...
+    async def adapter(self, task: str, *, residency: bool = False) -> dict[str, object]: ...
 
     async def pin_task(self, task: str, pinned: bool) -> dict[str, object]:
         """Keep the task on the device (never evicted) or return it to LRU; returns its description."""

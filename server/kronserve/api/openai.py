@@ -80,7 +80,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 @router.get("/v1/models", responses=_errors(503))
 async def list_models(backend: BackendDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(info) for info in await backend.adapters()]}
+    infos, _ = await backend.adapters(None, None, False)  # OpenAI's list is not paged: every task
+    return {"object": "list", "data": [_model(info) for info in infos]}
 
 
 @router.get("/v1/models/{model}", responses=_errors(404, 503))

@@ -39,6 +39,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
 
 DEFAULT_PAGE, MAX_PAGE = 1000, 10000  # adapters per page of GET /v1/adapters
 NEXT_HEADER = "x-next-after"
+RESIDENCY_HELP = "also say where the weights are now (tier, pinned, bytes): live state, left out by default"
 TaskPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="task id", examples=["sst2"])]
 # The admin token, as a security scheme: /docs gets an Authorize button. Checked by require_admin (constant time).
 admin_bearer = HTTPBearer(
@@ -180,10 +181,11 @@ async def list_adapters(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = DEFAULT_PAGE,
     after: Annotated[str | None, Query(description="the last task of the previous page (its Link: rel=next)")] = None,
+    residency: Annotated[bool, Query(description=RESIDENCY_HELP)] = False,
 ) -> list[AdapterInfo]:
     """Registered tasks in task order, one page at a time: while there are more, the `Link` header names the next
     page (`rel="next"`) and `X-Next-After` its cursor."""
-    infos, cursor = await backend.adapters(after, limit)
+    infos, cursor = await backend.adapters(after, limit, residency)
     if cursor is not None:
         url = request.url.include_query_params(after=cursor, limit=limit)
         response.headers["link"] = f'<{url}>; rel="next"'
@@ -215,8 +217,13 @@ async def unpin_adapter(task: TaskPath, backend: BackendDep, response: Response)
 
 
 @router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_errors(404, 422, 503))
-async def get_adapter(task: TaskPath, backend: BackendDep, response: Response) -> AdapterInfo:
-    return _info(await backend.adapter(task), response)
+async def get_adapter(
+    task: TaskPath,
+    backend: BackendDep,
+    response: Response,
+    residency: Annotated[bool, Query(description=RESIDENCY_HELP)] = False,
+) -> AdapterInfo:
+    return _info(await backend.adapter(task, residency=residency), response)
 
 
 @router.delete(

@@ -32,6 +32,7 @@ ErrorCode = Literal[
     "not_ready",
     "timeout",
     "bank_full",
+    "pin_refused",
     "store_error",
     "replica_unavailable",
     "body_timeout",
@@ -105,6 +106,14 @@ class ScoreResponse(BaseModel):
     )
 
 
+class Residency(BaseModel):
+    tier: Literal["device", "host", "store"] = Field(
+        description="device (batches read it), host (packed in RAM), store (on disk only: the next request loads it)"
+    )
+    pinned: bool = Field(description="kept on the device, never evicted")
+    bytes: int = Field(description="what it takes in the host or device tier (its packed form)")
+
+
 class AdapterInfo(BaseModel):
     task: str = Field(description="task id")
     version: int = Field(description="counts up from 1 per task; a task deleted and made anew starts at 1 again")
@@ -117,12 +126,9 @@ class AdapterInfo(BaseModel):
         description="the backbone an imported adapter's source declares it was trained on (PEFT "
         "base_model_name_or_path, AdapterHub model_name); null: not declared",
     )
-    tier: Literal["device", "host", "store"] = Field(
-        default="store",
-        description="where its weights are now: device (batches read it), host (packed in RAM), store (on disk only)",
+    residency: Residency | None = Field(
+        default=None, description="where the version's weights are now (live state: it changes with traffic)"
     )
-    pinned: bool = Field(default=False, description="kept on the device, never evicted")
-    resident_bytes: int = Field(default=0, description="bytes it takes in the host or device tier (packed form)")
 
 
 class ErrorBody(BaseModel):

@@ -90,8 +90,8 @@ class ClusterBackend:
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result:
         return await self._forward(task, "score", task, inputs, targets, await self._pin(task))
 
-    async def adapter(self, task: str) -> dict[str, object]:
-        return await self._forward(task, "adapter", task, await self._pin(task))
+    async def adapter(self, task: str, *, residency: bool = False) -> dict[str, object]:
+        return await self._forward(task, "adapter", task, await self._pin(task), residency)
 
     async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
         return await self._forward(task, "upload", task, parts, retry=False)
@@ -99,11 +99,13 @@ class ClusterBackend:
     async def delete(self, task: str) -> None:
         await self._forward(task, "delete", task, retry=False)
 
-    async def adapters(self, after: str | None, limit: int | None) -> tuple[list[dict[str, object]], str | None]:
+    async def adapters(
+        self, after: str | None, limit: int | None, residency: bool = False
+    ) -> tuple[list[dict[str, object]], str | None]:
         """A page of the store's tasks, each described by a replica holding its active version (loaded if none
         does)."""
         held: dict[tuple[str, str], dict[str, object]] = {}
-        for page in await self._everywhere("adapters"):
+        for page in await self._everywhere("adapters", None, None, residency):
             infos, _ = page
             held.update({(str(i["task"]), str(i["sha256"])): i for i in infos})
         tasks = [t for t in await asyncio.to_thread(self.store.tasks) if after is None or t > after]
@@ -116,7 +118,7 @@ class ClusterBackend:
             info = held.get((task, ref.sha256))
             if info is None:
                 try:
-                    info = await self._forward(task, "adapter", task, ref)
+                    info = await self._forward(task, "adapter", task, ref, residency)
                 except KronserveError as e:  # as the single process does: a version that cannot load is left out
                     log.error("list: skipping task %r: %s", task, e)
                     continue
@@ -125,7 +127,7 @@ class ClusterBackend:
 
     async def pin_task(self, task: str, pinned: bool) -> dict[str, object]:
         """On the task's replica (its owner while it is up): pins are per process."""
-        await self._forward(task, "adapter", task, await self._pin(task))
+        await self._forward(task, "adapter", task, await self._pin(task))  # its replica holds the active version
         return await self._forward(task, "pin_task", task, pinned, retry=False)
 
     async def metrics_text(self) -> bytes:
@@ -186,14 +188,14 @@ class ClusterBackend:
                     await waiting  # collect the cancellation, so nothing is left unretrieved
                 raise DeploymentUnavailableError(f"replica {name} went down while the request waited")
 
-    async def _everywhere(self, method: str, with_names: bool = False) -> list[Any]:
+    async def _everywhere(self, method: str, *args: Any, with_names: bool = False) -> list[Any]:
         """`method` on every live replica; a replica that fails is marked down and gives None."""
 
         async def one(name: str) -> Any:
             if not self.up[name]:
                 return None
             try:
-                call = self.handles[name].call.remote(method)
+                call = self.handles[name].call.remote(method, *args)
                 return (await asyncio.wait_for(_awaited(call), timeout=5 * self.settings.probe_timeout_s)).unwrap()
             except (TimeoutError, *_REPLICA_DIED) as e:
                 self._down(name, e)
