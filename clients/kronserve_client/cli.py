@@ -171,10 +171,23 @@ def upload(
     _call(ctx, lambda client: client.upload(task, files).to_json())
 
 
+Residency = Annotated[bool, typer.Option("--residency", help="Also show where the weights are (tier, pinned, bytes).")]
+
+
 @app.command("list")
-def list_adapters(ctx: typer.Context) -> None:
-    """List the adapters the server serves."""
-    _call(ctx, lambda client: [a.to_json() for a in client.list_adapters()])
+def list_adapters(ctx: typer.Context, residency: Residency = False) -> None:
+    """List the adapters the server serves (every page, in task order)."""
+    _call(ctx, lambda client: [a.to_json() for a in client.list_adapters(residency)])
+
+
+@app.command()
+def pin(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Argument(help="Task to keep on the device.")],
+    undo: Annotated[bool, typer.Option("--undo", help="Unpin: back to the device tier's LRU.")] = False,
+) -> None:
+    """Keep TASK's adapter on the server's device, never evicted (needs --token when the server has one)."""
+    _call(ctx, lambda client: client.pin_adapter(task, not undo).to_json())
 
 
 @app.command()
@@ -189,9 +202,11 @@ def delete(ctx: typer.Context, task: Annotated[str, typer.Argument(help="Task to
 
 
 @app.command()
-def get(ctx: typer.Context, task: Annotated[str, typer.Argument(help="Task to describe.")]) -> None:
+def get(
+    ctx: typer.Context, task: Annotated[str, typer.Argument(help="Task to describe.")], residency: Residency = False
+) -> None:
     """Show TASK's active adapter: version, method, parameter count, sha256 and spec."""
-    _call(ctx, lambda client: client.get_adapter(task).to_json())
+    _call(ctx, lambda client: client.get_adapter(task, residency).to_json())
 
 
 @app.command()

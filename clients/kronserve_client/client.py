@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeAlias, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -173,12 +173,31 @@ def _parse_adapter_list(response: httpx.Response) -> list[AdapterInfo]:
     return [AdapterInfo.from_json(item) for item in body]
 
 
-def _list_adapters() -> _Call[list[AdapterInfo]]:
-    return _Call("GET", "/v1/adapters", _parse_adapter_list)
+PAGE_SIZE = 1000  # adapters per GET /v1/adapters page the client asks for
 
 
-def _get_adapter(task: str) -> _Call[AdapterInfo]:
-    return _Call("GET", _task_path(task), lambda r: AdapterInfo.from_json(_body(r)))
+@dataclass(frozen=True)
+class _Page:
+    adapters: list[AdapterInfo]
+    next_after: str | None  # the server's cursor (X-Next-After) while more pages follow
+
+
+def _query(**params: Any) -> str:
+    given = {k: ("true" if v is True else v) for k, v in params.items() if v is not None and v is not False}
+    return f"?{urlencode(given)}" if given else ""
+
+
+def _list_page(after: str | None, limit: int, residency: bool) -> _Call[_Page]:
+    path = "/v1/adapters" + _query(after=after, limit=limit, residency=residency)
+    return _Call("GET", path, lambda r: _Page(_parse_adapter_list(r), r.headers.get("x-next-after")))
+
+
+def _get_adapter(task: str, residency: bool = False) -> _Call[AdapterInfo]:
+    return _Call("GET", _task_path(task) + _query(residency=residency), lambda r: AdapterInfo.from_json(_body(r)))
+
+
+def _pin(task: str, pinned: bool) -> _Call[AdapterInfo]:
+    return _Call("PUT" if pinned else "DELETE", _task_path(task) + "/pin", lambda r: AdapterInfo.from_json(_body(r)))
 
 
 def _delete_adapter(task: str) -> _Call[None]:
@@ -308,13 +327,28 @@ class KronserveClient:
         """
         return self._run(_upload(task, files))
 
-    def list_adapters(self) -> list[AdapterInfo]:
-        """Every adapter the server currently serves."""
-        return self._run(_list_adapters())
+    def list_adapters(self, residency: bool = False, page_size: int = PAGE_SIZE) -> list[AdapterInfo]:
+        """Every adapter the server currently serves, in task order (all pages; see `iter_adapters`)."""
+        return list(self.iter_adapters(residency, page_size))
 
-    def get_adapter(self, task: str) -> AdapterInfo:
+    def iter_adapters(self, residency: bool = False, page_size: int = PAGE_SIZE) -> Iterator[AdapterInfo]:
+        """Every adapter, one page (`page_size`) fetched at a time: a catalogue of 100,000 tasks never sits in one
+        reply. With `residency`, each says where its weights are now (tier, pinned, bytes)."""
+        after: str | None = None
+        while True:
+            page = self._run(_list_page(after, page_size, residency))
+            yield from page.adapters
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    def get_adapter(self, task: str, residency: bool = False) -> AdapterInfo:
         """The task's current adapter; raises NotFound when the task has none."""
-        return self._run(_get_adapter(task))
+        return self._run(_get_adapter(task, residency))
+
+    def pin_adapter(self, task: str, pinned: bool = True) -> AdapterInfo:
+        """Keep the task on the server's device, never evicted (False: back to LRU); needs the admin token."""
+        return self._run(_pin(task, pinned))
 
     def delete_adapter(self, task: str) -> None:
         """Stop serving the task; raises NotFound when the task has no adapter."""
@@ -428,13 +462,28 @@ class AsyncKronserveClient:
         """See `KronserveClient.upload`."""
         return await self._run(_upload(task, files))
 
-    async def list_adapters(self) -> list[AdapterInfo]:
+    async def list_adapters(self, residency: bool = False, page_size: int = PAGE_SIZE) -> list[AdapterInfo]:
         """See `KronserveClient.list_adapters`."""
-        return await self._run(_list_adapters())
+        return [a async for a in self.iter_adapters(residency, page_size)]
 
-    async def get_adapter(self, task: str) -> AdapterInfo:
+    async def iter_adapters(self, residency: bool = False, page_size: int = PAGE_SIZE) -> AsyncIterator[AdapterInfo]:
+        """See `KronserveClient.iter_adapters`."""
+        after: str | None = None
+        while True:
+            page = await self._run(_list_page(after, page_size, residency))
+            for adapter in page.adapters:
+                yield adapter
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    async def get_adapter(self, task: str, residency: bool = False) -> AdapterInfo:
         """See `KronserveClient.get_adapter`."""
-        return await self._run(_get_adapter(task))
+        return await self._run(_get_adapter(task, residency))
+
+    async def pin_adapter(self, task: str, pinned: bool = True) -> AdapterInfo:
+        """See `KronserveClient.pin_adapter`."""
+        return await self._run(_pin(task, pinned))
 
     async def delete_adapter(self, task: str) -> None:
         """See `KronserveClient.delete_adapter`."""

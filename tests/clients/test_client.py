@@ -189,6 +189,35 @@ def test_list_get_delete_adapters() -> None:
     assert server.last.headers["authorization"] == "Bearer tok"
 
 
+def test_listing_follows_every_page_and_pins_go_to_the_pin_route() -> None:
+    tasks = [f"t{i:02d}" for i in range(7)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/adapters":
+            return httpx.Response(200, json={**ADAPTER, "residency": {"tier": "device", "pinned": True, "bytes": 1}})
+        after, limit = request.url.params.get("after"), int(request.url.params["limit"])
+        rest = [t for t in tasks if after is None or t > after]
+        headers = {"x-next-after": rest[limit - 1]} if len(rest) > limit else {}
+        return httpx.Response(200, json=[{**ADAPTER, "task": t} for t in rest[:limit]], headers=headers)
+
+    server = Server(handler)
+    with server.client() as client:
+        assert [a.task for a in client.list_adapters(page_size=3)] == tasks
+        assert [r.url.params.get("after") for r in server.requests] == [None, "t02", "t05"]
+        assert client.pin_adapter("qa").extra["residency"]["pinned"] is True
+        assert (server.last.method, server.last.url.path) == ("PUT", "/v1/adapters/qa/pin")
+        client.pin_adapter("qa", False)
+        assert server.last.method == "DELETE"
+        client.get_adapter("qa", residency=True)
+        assert server.last.url.params["residency"] == "true"
+
+    async def run() -> list[str]:
+        async with server.async_client() as client:
+            return [a.task async for a in client.iter_adapters(page_size=2)]
+
+    assert asyncio.run(run()) == tasks
+
+
 def test_task_is_one_quoted_path_segment() -> None:
     server = reply(200, ADAPTER)
     with server.client() as client:
@@ -200,7 +229,7 @@ def test_base_url_with_a_path_prefix_is_kept() -> None:
     server = reply(200, [])
     with server.client(base_url=f"{BASE}/kron") as client:
         client.list_adapters()
-    assert server.last.url == httpx.URL(f"{BASE}/kron/v1/adapters")
+    assert server.last.url.copy_with(query=None) == httpx.URL(f"{BASE}/kron/v1/adapters")
 
 
 @pytest.mark.parametrize(("status", "expected"), [(200, True), (503, False)])
@@ -422,7 +451,7 @@ def test_url_and_token_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
     server = reply(200, [])
     with KronserveClient(transport=server.transport) as client:
         client.list_adapters()
-    assert server.last.url == httpx.URL("http://from-env:9/v1/adapters")
+    assert server.last.url.copy_with(query=None) == httpx.URL("http://from-env:9/v1/adapters")
     assert server.last.headers["authorization"] == "Bearer envtok"
     with KronserveClient("http://given:1", token="", transport=server.transport) as client:
         client.list_adapters()  # an explicit URL wins; "" sends no token
