@@ -386,3 +386,36 @@ def test_admission_stops_at_each_bound(engine: Engine, tasks, bound: dict) -> No
         sample = metrics.registry.get_sample_value
         assert sample("kronserve_step_rows_sum") == 2 * sample("kronserve_step_rows_count")
     assert out == [[alone(engine, tasks[i], x, p) for x in ("12345678", "abcdefgh")] for i in range(3)]
+
+
+def test_a_tiny_device_budget_serves_every_task_and_never_evicts_a_running_one(backbone, adapter_for) -> None:
+    """Room for two adapters, eight tasks asked concurrently in mixed batches: every answer equals its run alone,
+    nothing is refused, and a version stays on the device for as long as a row reads it."""
+    size = adapter_for("probe", "compacter").spec.param_count(backbone.fingerprint.geometry) * 4
+    engine = Engine(backbone, device_adapter_mb=2 * size / 2**20)
+    names = [f"z{i}" for i in range(8)]
+    for i, t in enumerate(names):
+        engine.load(adapter_for(t, "compacter", seed=i, std=0.3))
+    p = GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    want = {t: alone(engine, t, "same input", p) for t in names}
+    evicted_while_held = []
+    original = engine.step
+
+    def checked(batch):  # every slot a running row reads is resident, at every step
+        evicted_while_held.extend(s for s in batch.slots if s >= 0 and not engine.device.has_slot(s))
+        return original(batch)
+
+    engine.step = checked  # type: ignore[method-assign]
+
+    async def run():
+        s = make(engine)
+        s.start()
+        got = await asyncio.gather(*(ask(s, names[i % 8], ["same input"], p) for i in range(32)))
+        await s.drain_and_stop()
+        return got
+
+    got = asyncio.run(run())
+    assert got == [[want[names[i % 8]]] for i in range(32)]
+    assert evicted_while_held == []
+    assert engine.device.used_bytes <= 2 * size and engine.device.budget >= engine.device.used_bytes
+    assert engine.device.metrics.tier_evictions.labels("device")._value.get() > 0

@@ -124,6 +124,9 @@ class DeviceTier:
     def count(self) -> int:
         return len(self._by_key)
 
+    def has_slot(self, slot: int) -> bool:
+        return slot in self._by_slot
+
     def versions(self) -> list[Key]:
         with self._lock:
             return list(self._by_key)
