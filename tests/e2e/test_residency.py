@@ -10,12 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kronserve_client import KronserveClient
 
 from kronserve.backbone import load_backbone
 from kronserve.engine import Engine
 from kronserve.formats.native import dumps
 from kronserve.store import LocalStore
+from kronserve_client import KronserveClient
 
 from ..conftest import make_adapter
 from ..reliability.conftest import metric
