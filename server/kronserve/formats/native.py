@@ -11,6 +11,7 @@ name, shape and dtype is checked from the header before a byte of tensor data is
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -249,7 +250,16 @@ def _json_field(metadata: dict[str, str], key: str) -> dict[str, Any]:
 
 
 def _spec_of(metadata: dict[str, str]) -> MethodSpec:
+    if "spec" not in metadata:
+        raise InvalidAdapter("metadata 'spec' is missing")
+    return _parsed_spec(metadata["spec"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_spec(text: str) -> MethodSpec:
+    """Specs are immutable, and a catalogue of 100,000 tasks has few distinct ones: parse each text once and share
+    the object (a registered version costs its spec only once)."""
     try:
-        return parse_spec(_json_field(metadata, "spec"))
+        return parse_spec(_json_field({"spec": text}, "spec"))
     except InvalidSpec as e:
         raise InvalidSpec(f"metadata 'spec': {e}") from e
