@@ -154,16 +154,18 @@ def kernel_figures(engine: Engine, rows: int, tokens: int, rounds: int = 50) -> 
     with engine._forward_lock:
         dense_slots = engine.device.hold(dense_entries)
     site = engine.device.names.sites.index("encoder.0.ffn")
-    x = torch.randn(rows, tokens, geometry.d_model)
+    x = torch.randn(rows, tokens, geometry.d_model, device=engine.backbone.device)
     out = []
     for s in (slots, dense_slots):
-        plan = engine.device.plan(Route.of(s))
+        plan = engine.device.plan(Route.of(s, x.device))
         with torch.inference_mode():
             plan.delta(site, x, x)
             started = time.perf_counter()
             for _ in range(rounds):
-                plan = engine.device.plan(Route.of(s))
+                plan = engine.device.plan(Route.of(s, x.device))
                 plan.delta(site, x, x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
         out.append((time.perf_counter() - started) / rounds)
     return out[0], out[1]
 
@@ -176,7 +178,7 @@ def _tensors(engine: Engine, entry) -> dict[str, torch.Tensor]:
     return loads(data, engine.backbone.fingerprint).tensors
 
 
-def run(shape: str, n: int, seconds: float, pairs: int, work: Path) -> dict[str, float]:
+def run(shape: str, n: int, seconds: float, pairs: int, work: Path, device: str) -> dict[str, float]:
     backbone_dir = work / f"backbone-{shape}"
     if not (backbone_dir / "config.json").exists():
         write_tiny_backbone(backbone_dir, shape, seed=0)
@@ -184,7 +186,7 @@ def run(shape: str, n: int, seconds: float, pairs: int, work: Path) -> dict[str,
     size = build_store(store_dir, backbone_dir, n)
     from kronserve.store import LocalStore
 
-    bb = load_backbone(str(backbone_dir), device="cpu")
+    bb = load_backbone(str(backbone_dir), device=device)
     engine = Engine(
         bb,
         store=LocalStore(store_dir),
@@ -196,7 +198,7 @@ def run(shape: str, n: int, seconds: float, pairs: int, work: Path) -> dict[str,
     indexed = engine.registry.load_store()
     startup = time.perf_counter() - started
     assert len(indexed) == n
-    print(f"[{shape} N={n}] start-up: indexed {n} stored adapters in {startup:.2f} s (no weights read)")
+    print(f"[{shape} N={n} {device}] start-up: indexed {n} stored adapters in {startup:.2f} s (no weights read)")
 
     ids = engine.tokenize([TEXT])
     bounds = Bounds(rows=64, pass_tokens=16384, cached_tokens=262144, wait_s=0.002)
@@ -206,8 +208,7 @@ def run(shape: str, n: int, seconds: float, pairs: int, work: Path) -> dict[str,
         sched.start()
         hot, cold = await cold_misses(sched, n, pairs, ids)
         before = rss()
-        for entry in engine.registry.entries():
-            await asyncio.to_thread(engine.registry.fetch, entry)
+        await asyncio.to_thread(lambda: [engine.registry.fetch(e) for e in engine.registry.entries()])
         per_adapter = (rss() - before) / n
         one = await workload(sched, 1, seconds, ids)
         many = await workload(sched, n, seconds, ids)
@@ -249,16 +250,17 @@ def _dense_bytes(engine: Engine) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="t5-small, N=1,000, short phases")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (where the backbone and the device tier live)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kronserve-residency-bench")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     args.work.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        results = {"t5-small": run("t5-small", 1000, 6, 10, args.work)}
+        results = {"t5-small": run("t5-small", 1000, 6, 10, args.work, args.device)}
     else:
         results = {
-            "tiny": run("tiny", 100_000, 15, 20, args.work),
-            "t5-small": run("t5-small", 10_000, 20, 30, args.work),
+            "tiny": run("tiny", 100_000, 15, 20, args.work, args.device),
+            "t5-small": run("t5-small", 10_000, 20, 30, args.work, args.device),
         }
     small, start = results["t5-small"], results.get("tiny", results["t5-small"])
     print(

@@ -22,6 +22,7 @@ PHM_OPTIONS = [  # every PHM-family option: factorized rule, rank > 1, dense W, 
     for combo in itertools.product((False, True), (1, 2, None), (True, False), ("houlsby", "pfeiffer", "parallel"))
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def dense_reference(adapter, site: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -31,15 +32,16 @@ def dense_reference(adapter, site: str, x: torch.Tensor, f: torch.Tensor) -> tor
     return ACTIVATIONS[spec.activation](z @ d.down_w + d.down_b) @ d.up_w + d.up_b
 
 
-def engine_in(backbone, dtype: torch.dtype, **kwargs) -> Engine:
-    backbone.model.to(dtype)
-    backbone.dtype = dtype
+def engine_in(backbone, dtype: torch.dtype, device: str = "cpu", **kwargs) -> Engine:
+    backbone.model.to(device, dtype)
+    backbone.dtype, backbone.device = dtype, torch.device(device)
     return Engine(backbone, **kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_compact_phm_equals_the_dense_reference_for_every_option(backbone, dtype: torch.dtype) -> None:
-    engine = engine_in(backbone, dtype)
+def test_compact_phm_equals_the_dense_reference_for_every_option(backbone, dtype: torch.dtype, device: str) -> None:
+    engine = engine_in(backbone, dtype, device)
     adapters = []
     for i, options in enumerate(PHM_OPTIONS):
         method = "phm" if options["rank"] is None else "compacter"
@@ -50,10 +52,10 @@ def test_compact_phm_equals_the_dense_reference_for_every_option(backbone, dtype
     g = torch.Generator().manual_seed(0)
     x, f = (torch.randn(len(slots), 3, engine.geometry.d_model, generator=g) for _ in range(2))
     with torch.inference_mode():
-        for plan in (engine.device.plan(Route.of(slots)),):
+        for plan in (engine.device.plan(Route.of(slots, device)),):
             for site in ("encoder.0.mh", "decoder.1.ffn"):
                 index = engine.device.names.sites.index(site)
-                got = plan.delta(index, x.to(dtype), f.to(dtype)).float()
+                got = plan.delta(index, x.to(device, dtype), f.to(device, dtype)).float().cpu()
                 for row, a in enumerate(adapters):
                     want = dense_reference(a, site, x[row], f[row])
                     tol = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
@@ -61,8 +63,9 @@ def test_compact_phm_equals_the_dense_reference_for_every_option(backbone, dtype
                 assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # the bare row adds exactly nothing
 
 
-def test_mixed_layouts_in_one_plan_each_get_their_own(backbone) -> None:
-    engine = Engine(backbone)
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_layouts_in_one_plan_each_get_their_own(backbone, device: str) -> None:
+    engine = engine_in(backbone, torch.float32, device)
     kinds = [("c", "compacter", {}), ("h", "houlsby", {}), ("p", "pfeiffer", {}), ("l", "lora", {"rank": 4})]
     loaded = {t: make_adapter(backbone, t, m, seed=i, **o) for i, (t, m, o) in enumerate(kinds)}
     for a in loaded.values():
@@ -71,7 +74,8 @@ def test_mixed_layouts_in_one_plan_each_get_their_own(backbone) -> None:
     slots = held_slots(engine, tasks)
     x, f = torch.randn(6, 2, 128), torch.randn(6, 2, 128)
     site = "encoder.1.ffn"
-    got = engine.device.plan(Route.of(slots)).delta(engine.device.names.sites.index(site), x, f)
+    plan = engine.device.plan(Route.of(slots, device))
+    got = plan.delta(engine.device.names.sites.index(site), x.to(device), f.to(device)).cpu()
     for row, task in enumerate(tasks):
         if task in ("c", "h", "p"):
             want = dense_reference(loaded[task], site, x[row], f[row])
@@ -132,3 +136,20 @@ def test_a_pinned_task_stays_under_pressure_and_unpinning_returns_it_to_lru(back
     for t in ("t3", "t4"):
         engine.score([t], ["in"], ["out"])
     assert engine.device.resident(key) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_mixed_batch_on_cuda_generates_what_each_request_generates_alone(tiny_dir, dtype: torch.dtype) -> None:
+    from kronserve.backbone import load_backbone
+
+    bb = load_backbone(str(tiny_dir), device="cuda", dtype=str(dtype).removeprefix("torch."))
+    engine = Engine(bb, device_adapter_mb=0.05)  # a few adapters' room: loads and evictions on the GPU
+    kinds = [("compacter", {}), ("compacter++", {}), ("phm", {}), ("houlsby", {}), ("lora", {"rank": 4})]
+    tasks = []
+    for i, (method, options) in enumerate(kinds * 2):
+        tasks.append(f"g{i}")
+        engine.load(make_adapter(bb, f"g{i}", method, seed=i, std=0.3, **options))
+    inputs = [f"input number {i}" for i in range(len(tasks))]
+    alone = [engine.generate([t], [x], max_new_tokens=6).token_ids[0] for t, x in zip(tasks, inputs, strict=True)]
+    assert engine.generate(tasks, inputs, max_new_tokens=6).token_ids == alone
