@@ -26,7 +26,7 @@ BATCH, IN_TOKENS, NEW_TOKENS = 32, 64, 16
 
 def build(shape: str, device: str, dtype: str, method: str) -> tuple[Engine, list[str]]:
     path = write_tiny_backbone(tempfile.mkdtemp(prefix="kronserve-bench-"), shape, seed=0)  # type: ignore[arg-type]
-    engine = Engine(load_backbone(str(path), device=device, dtype=dtype), bank_capacity=BATCH)
+    engine = Engine(load_backbone(str(path), device=device, dtype=dtype))
     spec = preset(method)
     tasks = []
     for i in range(BATCH):
