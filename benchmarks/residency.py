@@ -250,6 +250,8 @@ def _dense_bytes(engine: Engine) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="t5-small, N=1,000, short phases")
+    parser.add_argument("--shape", choices=("tiny", "t5-small"), help="only this shape (with --n)")
+    parser.add_argument("--n", type=int, help="stored adapters for --shape (default: 100,000 tiny, 10,000 t5-small)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (where the backbone and the device tier live)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kronserve-residency-bench")
     args = parser.parse_args()
@@ -257,12 +259,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.quick:
         results = {"t5-small": run("t5-small", 1000, 6, 10, args.work, args.device)}
+    elif args.shape:
+        n = args.n or {"tiny": 100_000, "t5-small": 10_000}[args.shape]
+        results = {args.shape: run(args.shape, n, 20, 30, args.work, args.device)}
     else:
         results = {
             "tiny": run("tiny", 100_000, 15, 20, args.work, args.device),
             "t5-small": run("t5-small", 10_000, 20, 30, args.work, args.device),
         }
-    small, start = results["t5-small"], results.get("tiny", results["t5-small"])
+    small = results.get("t5-small", next(iter(results.values())))
+    start = results.get("tiny", small)
     print(
         f"residency memory_ratio={max(r['memory_ratio'] for r in results.values()):.2f} "
         f"startup_s={start['startup_s']:.2f} hot_p50_ratio={small['hot_p50_ratio']:.2f} "

@@ -37,7 +37,6 @@ from .metrics import Metrics
 from .store import AdapterStore, StoreError, VersionRef, check_task_id, sha256_of
 
 log = logging.getLogger(__name__)
-INDEX_THREADS = 16  # start-up reads headers in parallel: local disks and S3 both answer faster together
 
 
 @dataclass(frozen=True)
@@ -263,28 +262,30 @@ class Registry:
         backbone makes the task unavailable (logged, counted)."""
         if self.store is None:
             return []
-        tasks = [t for t in self.store.tasks() if select is None or select(t)]
-        with ThreadPoolExecutor(INDEX_THREADS) as pool:
-            found = list(pool.map(self._index_one, tasks))
-        loaded = [t for t, ok in zip(tasks, found, strict=True) if ok]
+        refs = [(t, ref) for t, ref in self.store.refs() if select is None or select(t)]
+        if self.store.parallel_reads > 1:
+            with ThreadPoolExecutor(self.store.parallel_reads) as pool:
+                found = list(pool.map(lambda item: self._index_one(*item), refs))
+        else:  # a local disk: the work is parsing, and threads would only fight over the GIL
+            found = [self._index_one(t, ref) for t, ref in refs]
         self._update_gauges()
-        return loaded
+        return [t for (t, _), ok in zip(refs, found, strict=True) if ok]
 
-    def _index_one(self, task: str) -> bool:
-        """Register `task` from its header (start-up, before any request: no `_mutate`, so headers are read in
+    def _index_one(self, task: str, ref: VersionRef | StoreError) -> bool:
+        """Register `task` from its header (start-up, before any request: no `_mutate`, so headers may be read in
         parallel)."""
         assert self.store is not None
         try:
-            ref = self.store.active(task)
-            if ref is not None:
-                head, size = self.store.head(ref, native.header_limit(self.fingerprint.geometry))
-                spec, base, described = native.loads_header(head, self.fingerprint)
-                if described != size:
-                    raise StoreError(
-                        f"task {task!r} version {ref.version}: the file is {size} bytes, its header "
-                        f"describes {described}: it is damaged"
-                    )
-                self._register(task, ref.version, ref.sha256, spec, base, None, gauges=False)
+            if isinstance(ref, StoreError):
+                raise ref
+            head, size = self.store.head(ref, native.header_limit(self.fingerprint.geometry))
+            spec, base, described = native.loads_header(head, self.fingerprint)
+            if described != size:
+                raise StoreError(
+                    f"task {task!r} version {ref.version}: the file is {size} bytes, its header describes "
+                    f"{described}: it is damaged"
+                )
+            self._register(task, ref.version, ref.sha256, spec, base, None, gauges=False)
             return True
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("store", e.code).inc()

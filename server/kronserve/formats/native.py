@@ -103,14 +103,25 @@ def loads_header(head: bytes, expect: Fingerprint) -> tuple[MethodSpec, str | No
     (a size that differs from the file's is damage the caller reports); its weights are read and their values
     checked when a request first needs them."""
     header = _header(head, header_limit(expect.geometry))
-    ends = [e.get("data_offsets") for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
-    data = max((int(e[1]) for e in ends if isinstance(e, list) and len(e) == 2 and isinstance(e[1], int)), default=0)
+    data = 0
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if name != "__metadata__" and isinstance(entry, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2 and isinstance(offsets[1], int) and offsets[1] > data:
+            data = offsets[1]
     metadata = _metadata(header)
     spec = _spec_of(metadata)
-    fingerprint = Fingerprint.from_dict(_json_field(metadata, "backbone"))
+    if "backbone" not in metadata:
+        raise InvalidAdapter("metadata 'backbone' is missing")
+    fingerprint = _fingerprint_of(metadata["backbone"])
     expect.check(fingerprint)
     check_header(spec, fingerprint.geometry, header)
     return spec, _base_model(metadata), 8 + int.from_bytes(head[:8], "little") + data
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_of(text: str) -> Fingerprint:
+    """A catalogue's files name one backbone: parse its fingerprint once."""
+    return Fingerprint.from_dict(_json_field({"backbone": text}, "backbone"))
 
 
 def is_native(data: bytes) -> bool:
@@ -155,6 +166,7 @@ def _base_model(metadata: dict[str, str]) -> str | None:
     return base
 
 
+@functools.lru_cache(maxsize=64)
 def header_limit(geometry: Geometry) -> int:
     """The longest safetensors header an adapter for `geometry` can need (see _HEADER_BASE)."""
     tensors = 16 * len(geometry.all_sites()) + 2 * len(geometry.all_linears()) + len(geometry.all_norms()) + 8
@@ -190,8 +202,7 @@ def check_header(spec: MethodSpec, geometry: Geometry, header: dict) -> None:
 
     The same refusals as `check_tensors`, before any tensor data is read or allocated.
     """
-    spec.check_geometry(geometry)
-    expected = spec.tensor_shapes(geometry)
+    expected = _expected(spec, geometry)
     listed = {k: v for k, v in header.items() if k != "__metadata__"}
     _check_names(expected, listed)
     for name, shape in expected.items():
@@ -204,6 +215,13 @@ def check_header(spec: MethodSpec, geometry: Geometry, header: dict) -> None:
             raise InvalidAdapter(f"tensor {name!r} has dtype {named}; expected float32, float16 or bfloat16")
         if entry.get("shape") != list(shape):
             raise InvalidAdapter(f"tensor {name!r} has shape {entry.get('shape')}; expected {list(shape)}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected(spec: MethodSpec, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+    """The spec checked against the backbone (an InvalidSpec is raised, never cached), and its tensors' shapes."""
+    spec.check_geometry(geometry)
+    return spec.tensor_shapes(geometry)
 
 
 def _check_names(expected: dict[str, tuple[int, ...]], tensors: dict[str, object]) -> None:

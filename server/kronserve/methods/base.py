@@ -8,6 +8,7 @@ are named `layer_norm.{stack}.{block}.{kind}` and `layer_norm.{stack}.final`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -120,14 +121,12 @@ class MethodSpec(BaseModel):
             raise InvalidSpec(f"leave_out has layer indices outside 0..{total - 1}: {bad}")
 
     def tensor_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
-        """Every tensor a file of this spec holds, with its shape."""
-        shapes = self.own_shapes(geometry)
-        if self.layer_norms:
-            shapes.update({n: (geometry.d_model,) for n in geometry.all_norms()})
-        return shapes
+        """Every tensor a file of this spec holds, with its shape (computed once per spec and backbone: registering
+        100,000 stored versions asks it for each)."""
+        return dict(_tensor_shapes(self, geometry))
 
     def param_count(self, geometry: Geometry) -> int:
-        return sum(_numel(s) for s in self.tensor_shapes(geometry).values())
+        return _param_count(self, geometry)
 
     def own_shapes(self, geometry: Geometry) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -214,6 +213,20 @@ class AdapterSpec(MethodSpec):
     def dense(self, tensors: dict[str, torch.Tensor], site: str) -> DenseAdapter:
         """Materialize `site`'s adapter from the file's tensors (full names)."""
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=1024)
+def _tensor_shapes(spec: MethodSpec, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+    """Read-only: `MethodSpec.tensor_shapes` hands out copies."""
+    shapes = spec.own_shapes(geometry)
+    if spec.layer_norms:
+        shapes.update({n: (geometry.d_model,) for n in geometry.all_norms()})
+    return shapes
+
+
+@functools.lru_cache(maxsize=1024)
+def _param_count(spec: MethodSpec, geometry: Geometry) -> int:
+    return sum(_numel(s) for s in _tensor_shapes(spec, geometry).values())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config import TASK_ID_PATTERN
@@ -56,6 +57,8 @@ def sha256_of(data: bytes) -> str:
 class AdapterStore(ABC):
     """What the registry needs from durable storage; nothing above it touches paths or buckets."""
 
+    parallel_reads: int = 1  # concurrent reads worth making at start-up (a network store answers faster so)
+
     @abstractmethod
     def tasks(self) -> list[str]:
         """Tasks that have an active version."""
@@ -66,6 +69,18 @@ class AdapterStore(ABC):
     @abstractmethod
     def read(self, ref: VersionRef) -> bytes:
         """The version's bytes, verified against its sha256."""
+
+    def refs(self) -> Iterator[tuple[str, VersionRef | StoreError]]:
+        """Every task with an active version, and its ref (or why its pointer cannot be read): what start-up
+        registers. This default asks `active` per task."""
+        for task in self.tasks():
+            try:
+                ref = self.active(task)
+            except StoreError as e:
+                yield task, e
+                continue
+            if ref is not None:
+                yield task, ref
 
     def head(self, ref: VersionRef, limit: int) -> tuple[bytes, int]:
         """The version's first bytes (at least its safetensors header, when it is at most `limit` bytes) and the

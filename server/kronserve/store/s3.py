@@ -66,6 +66,8 @@ def make_client(endpoint_url: str | None = None) -> Any:
 
 
 class S3Store(AdapterStore):
+    parallel_reads = 16
+
     page_size = 1000  # keys per listing request (the S3 maximum)
 
     def __init__(
