@@ -144,7 +144,9 @@ class LocalStore(AdapterStore):
             parent = os.open(path.parent, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise StoreConflict(f"the store's entry for task {ref.task!r} is a symlink; refusing to follow it")
+                raise StoreConflict(
+                    f"the store's entry for task {ref.task!r} is a symlink; refusing to follow it"
+                ) from None
             raise StoreError(f"task {ref.task!r} version {ref.version}: cannot read {path.name} ({e})") from e
         try:
             fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=parent)
