@@ -38,6 +38,9 @@ class Layout:
     sites: frozenset[str]  # sites with an adapter (bottleneck and PHM kernels)
     linears: frozenset[str]  # projections with a LoRA update
     norms: bool  # per-task layer norms
+    spans: dict[str, Part] = field(repr=False)  # site or projection -> the contiguous run of all its parts
+    owner: dict[str, str] = field(repr=False)  # part -> its site or projection (shared parts and norms: none)
+    members: dict[str, tuple[str, ...]] = field(repr=False)  # site or projection -> its parts
 
 
 @functools.cache
@@ -54,7 +57,16 @@ def layout_of(kernel: str, activation: str | None, placement: str | None, shapes
     used = frozenset(name[: -len(ends)] for name in parts if name.endswith(ends))
     sites, linears = (frozenset(), used) if kernel == "lora" else (used, frozenset())
     norms = any(name.startswith("layer_norm.") for name in parts)
-    return Layout(kernel, activation, placement, parts, offset, sites, linears, norms)
+    owner = {name: key for name in parts for key in (name.rsplit(".", 2)[0], name.rsplit(".", 1)[0]) if key in used}
+    spans = {}
+    for key in used:
+        mine = [parts[name] for name, k in owner.items() if k == key]
+        start, end = min(p.offset for p in mine), max(p.offset + p.numel for p in mine)
+        if end - start == sum(p.numel for p in mine):  # contiguous (as `MethodSpec.compact` emits them)
+            spans[key] = Part(start, end - start, (end - start,))
+    owner = {name: key for name, key in owner.items() if key in spans}
+    members = {key: tuple(name for name, k in owner.items() if k == key) for key in spans}
+    return Layout(kernel, activation, placement, parts, offset, sites, linears, norms, spans, owner, members)
 
 
 @dataclass(frozen=True, eq=False)

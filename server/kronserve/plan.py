@@ -96,11 +96,21 @@ class Group:
     _parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def part(self, name: str) -> torch.Tensor:
-        """The part `name` of every member's adapter, [G, *shape] (gathered once per pass)."""
+        """The part `name` of every member's adapter, [G, *shape]. A site's (or projection's) parts lie side by side
+        in a row, so they are gathered together by one `index_select` per pass and handed out as views."""
         if name not in self._parts:
-            p = self.layout.parts[name]
-            gathered = self.pool[:, p.offset : p.offset + p.numel].index_select(0, self.rows)
-            self._parts[name] = gathered.view(-1, *p.shape)
+            lay, p = self.layout, self.layout.parts[name]
+            key = lay.owner.get(name)
+            if key is None:
+                gathered = self.pool[:, p.offset : p.offset + p.numel].index_select(0, self.rows)
+                self._parts[name] = gathered.view(-1, *p.shape)
+            else:
+                span = lay.spans[key]
+                whole = self.pool[:, span.offset : span.offset + span.numel].index_select(0, self.rows)
+                for part_name in lay.members[key]:
+                    q = lay.parts[part_name]
+                    start = q.offset - span.offset
+                    self._parts[part_name] = whole[:, start : start + q.numel].view(-1, *q.shape)
         return self._parts[name]
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
