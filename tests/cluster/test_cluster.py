@@ -88,6 +88,10 @@ def test_each_task_on_one_replica_both_used_answers_equal_one_process(
         assert s.json()["scores"] == pytest.approx(alone.json()["scores"], abs=1e-4)
     assert all(len(names) == 1 for names in served_by.values()), served_by
     assert set().union(*served_by.values()) == {"replica-0", "replica-1"}
+    for name, info in replicas(cluster.url).items():  # each replica reports its own tiers
+        device, host = info["tiers"]["device"], info["tiers"]["host"]
+        assert device["adapters"] >= 1 and 0 < device["bytes"] <= device["budget_bytes"], (name, info["tiers"])
+        assert host["adapters"] >= device["adapters"] and host["budget_bytes"] > 0, (name, info["tiers"])
     metrics = httpx.get(f"{cluster.url}/metrics", timeout=30).text
     for name in ("replica-0", "replica-1"):
         batches = _sample(metrics, "kronserve_batch_tasks_count", name)
