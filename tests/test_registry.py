@@ -57,3 +57,33 @@ def test_max_adapters_caps_registered_tasks_but_never_updates(backbone, adapter_
     assert engine.registry.upload("a", dumps(adapter_for("a", "compacter", seed=5))).version == 2
     engine.registry.delete("b")
     assert engine.registry.upload("c", dumps(adapter_for("c", "compacter"))).task == "c"
+
+
+def test_a_restart_registers_unchanged_versions_from_its_snapshot_and_rereads_changed_ones(
+    backbone, adapter_for, tmp_path, monkeypatch
+) -> None:
+    from kronserve.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    for i in range(5):
+        store.activate(store.write(f"s{i}", dumps(adapter_for(f"s{i}", "compacter", seed=i))))
+    snapshot = tmp_path / "cache" / "index.json"
+    first = Engine(backbone, store=store)
+    assert first.registry.load_store(snapshot=snapshot) == [f"s{i}" for i in range(5)]
+    store.activate(store.write("s1", dumps(adapter_for("s1", "houlsby", seed=9))))  # changed since the snapshot
+    damaged = store.active("s2")
+    path = next((tmp_path / "store" / "s2").glob("v*.safetensors"))
+    path.write_bytes(path.read_bytes()[:-10])  # cut short: the snapshot's size no longer matches
+    heads = []
+    real_head = LocalStore.head
+    monkeypatch.setattr(
+        LocalStore, "head", lambda self, ref, limit: heads.append(ref.task) or real_head(self, ref, limit)
+    )
+    from kronserve.backbone import load_backbone
+
+    again = Engine(load_backbone(str(backbone.source), device="cpu"), store=store)
+    assert again.registry.load_store(snapshot=snapshot) == ["s0", "s1", "s3", "s4"]
+    assert sorted(heads) == ["s1", "s2"]  # only the changed and the damaged one were read
+    assert again.registry.get("s1").spec.method == "houlsby" and "s2" in again.registry.unavailable()
+    assert again.registry.get("s0").spec == first.registry.get("s0").spec and damaged is not None
+    assert again.score(["s0"], ["x"], ["y"]).scores == first.score(["s0"], ["x"], ["y"]).scores

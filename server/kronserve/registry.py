@@ -15,8 +15,11 @@ version it started with; a replaced or deleted version leaves the tiers when its
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -24,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .backbone import Fingerprint
 from .compact import Compact, compact
@@ -68,6 +72,50 @@ class Entry:
         }
 
 
+class Snapshot:
+    """The start-up index as a file: task -> [version, sha256, size, spec, base_model] for one backbone, with each
+    distinct spec's JSON written once (`specs`) and named by its index.
+
+    Only a cache: an entry is used when the store's pointer still names that version and the file still has that
+    size (versions are immutable files), and a missing, foreign or unreadable snapshot is simply ignored."""
+
+    FORMAT = "kronserve-index-1"
+
+    @staticmethod
+    def read(path: Path, fingerprint: Fingerprint) -> dict[str, list]:
+        try:
+            data = json.loads(path.read_bytes())
+            if data.get("format") != Snapshot.FORMAT or data.get("backbone") != fingerprint.digest:
+                return {}
+            specs = data["specs"]
+            return {
+                t: [*e[:3], specs[e[3]], e[4]] for t, e in data["tasks"].items() if isinstance(e, list) and len(e) == 5
+            }
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, IndexError):
+            return {}
+
+    @staticmethod
+    def write(path: Path, fingerprint: Fingerprint, entries: list[Entry], sizes: dict[str, int]) -> None:
+        """Atomically (rename); a failure is logged, never raised: the next start reads headers again."""
+        index: dict[int, int] = {}  # specs are shared objects: each distinct one is written out once
+        specs: list[str] = []
+        tasks = {}
+        for e in entries:
+            if e.task in sizes:
+                if id(e.spec) not in index:
+                    index[id(e.spec)] = len(specs)
+                    specs.append(e.spec.model_dump_json())
+                tasks[e.task] = [e.version, e.sha256, sizes[e.task], index[id(e.spec)], e.base_model]
+        body = json.dumps({"format": Snapshot.FORMAT, "backbone": fingerprint.digest, "specs": specs, "tasks": tasks})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(body)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write the start-up index %s: %s", path, e)
+
+
 class Registry:
     def __init__(
         self,
@@ -90,6 +138,7 @@ class Registry:
         self._last_used: dict[str, float] = {}
         self._started = time.monotonic()
         self._serials = itertools.count()
+        self._sizes: dict[str, int] = {}  # task -> its indexed file's size (for the start-up snapshot)
         self.on_new_version: Callable[[Entry], None] | None = None  # the engine reloads pinned tasks' new versions
 
     # ---- reads -------------------------------------------------------------------------------
@@ -256,28 +305,45 @@ class Registry:
         """Seconds since a request last took `task` (since start-up if none has)."""
         return time.monotonic() - self._last_used.get(task, self._started)
 
-    def load_store(self, select: Callable[[str], bool] | None = None) -> list[str]:
+    def load_store(self, select: Callable[[str], bool] | None = None, snapshot: Path | None = None) -> list[str]:
         """Register every active version in the store (or those `select` picks) from its header alone: no
         weights are read until a request needs them. A header that cannot be read or does not fit this
-        backbone makes the task unavailable (logged, counted)."""
+        backbone makes the task unavailable (logged, counted).
+
+        With `snapshot` (a file of this process's cache), a version found there under the same pointer (version
+        and sha256: its file is immutable) and the same file size is registered from it without reading its
+        header; the snapshot is rewritten afterwards. A restart over 100,000 unchanged versions then reads their
+        pointers and sizes only."""
         if self.store is None:
             return []
         refs = [(t, ref) for t, ref in self.store.refs() if select is None or select(t)]
+        known = Snapshot.read(snapshot, self.fingerprint) if snapshot is not None else {}
+        index = functools.partial(self._index_one, known=known)
         if self.store.parallel_reads > 1:
             with ThreadPoolExecutor(self.store.parallel_reads) as pool:
-                found = list(pool.map(lambda item: self._index_one(*item), refs))
+                found = list(pool.map(lambda item: index(*item), refs))
         else:  # a local disk: the work is parsing, and threads would only fight over the GIL
-            found = [self._index_one(t, ref) for t, ref in refs]
+            found = [index(t, ref) for t, ref in refs]
         self._update_gauges()
+        if snapshot is not None:
+            Snapshot.write(snapshot, self.fingerprint, list(self._active.values()), self._sizes)
         return [t for (t, _), ok in zip(refs, found, strict=True) if ok]
 
-    def _index_one(self, task: str, ref: VersionRef | StoreError) -> bool:
-        """Register `task` from its header (start-up, before any request: no `_mutate`, so headers may be read in
-        parallel)."""
+    def _index_one(self, task: str, ref: VersionRef | StoreError, known: dict[str, list] | None = None) -> bool:
+        """Register `task` from the snapshot or its header (start-up, before any request: no `_mutate`, so headers
+        may be read in parallel)."""
         assert self.store is not None
         try:
             if isinstance(ref, StoreError):
                 raise ref
+            hit = (known or {}).get(task)
+            if hit is not None and (hit[0], hit[1]) == (ref.version, ref.sha256):
+                size = self.store.size(ref)
+                if size is not None and size == hit[2]:
+                    spec = native.spec_from_text(hit[3])
+                    self._register(task, ref.version, ref.sha256, spec, hit[4], None, gauges=False)
+                    self._sizes[task] = size
+                    return True
             head, size = self.store.head(ref, native.header_limit(self.fingerprint.geometry))
             spec, base, described = native.loads_header(head, self.fingerprint)
             if described != size:
@@ -286,6 +352,7 @@ class Registry:
                     f"{described}: it is damaged"
                 )
             self._register(task, ref.version, ref.sha256, spec, base, None, gauges=False)
+            self._sizes[task] = size
             return True
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("store", e.code).inc()

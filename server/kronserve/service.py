@@ -10,9 +10,11 @@ class with a name (the `x-kronserve-replica` header), a preload of its ring shar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from .backbone import default_backbone, load_backbone
 from .changes import ChangeFeed
@@ -291,7 +293,7 @@ class Service:
             max_adapters=s.max_adapters,
         )
         started = time.perf_counter()
-        indexed = engine.registry.load_store(self.preload)
+        indexed = engine.registry.load_store(self.preload, self._snapshot_path())
         log.info(
             "indexed %d stored adapters in %.2f s (weights load on first use)",
             len(indexed),
@@ -305,6 +307,12 @@ class Service:
         if self.preload is None and s.backbone is None and DEMO_TASK not in {e.task for e in engine.registry.entries()}:
             self._add_demo_adapter(engine)
         return engine
+
+    def _snapshot_path(self) -> Path:
+        """This process's start-up index of its store (one per store and replica, under the cache dir)."""
+        s = self.settings
+        key = hashlib.sha256(f"{s.store}|{s.s3_endpoint_url}|{self.name}".encode()).hexdigest()[:16]
+        return s.cache_dir / "index" / f"{key}.json"
 
     @staticmethod
     def _add_demo_adapter(engine: Engine) -> None:

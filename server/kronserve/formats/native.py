@@ -273,6 +273,11 @@ def _spec_of(metadata: dict[str, str]) -> MethodSpec:
     return _parsed_spec(metadata["spec"])
 
 
+def spec_from_text(text: str) -> MethodSpec:
+    """A spec from its JSON text (a start-up snapshot's), parsed once per distinct text."""
+    return _parsed_spec(text)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parsed_spec(text: str) -> MethodSpec:
     """Specs are immutable, and a catalogue of 100,000 tasks has few distinct ones: parse each text once and share

@@ -82,6 +82,10 @@ class AdapterStore(ABC):
             if ref is not None:
                 yield task, ref
 
+    def size(self, ref: VersionRef) -> int | None:
+        """The version file's size if it can be had cheaply (a start-up snapshot checks it); None: unknown."""
+        return None
+
     def head(self, ref: VersionRef, limit: int) -> tuple[bytes, int]:
         """The version's first bytes (at least its safetensors header, when it is at most `limit` bytes) and the
         file's size: what registering a stored version reads. This default reads the whole file."""

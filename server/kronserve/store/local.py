@@ -90,7 +90,7 @@ class LocalStore(AdapterStore):
             if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                data = _read_nofollow(Path(entry.path) / ACTIVE)
+                data = _read_nofollow(os.path.join(entry.path, ACTIVE))  # strings: pathlib costs 100,000 x 10 us
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             except OSError as e:
@@ -135,6 +135,13 @@ class LocalStore(AdapterStore):
         if sha256_of(data) != ref.sha256:
             raise StoreError(f"task {ref.task!r} version {ref.version}: file content does not match its sha256")
         return data
+
+    def size(self, ref: VersionRef) -> int | None:
+        path = os.path.join(self.root, check_task_id(ref.task), self._file_name(ref))
+        try:
+            return os.stat(path, follow_symlinks=False).st_size
+        except OSError:
+            return None
 
     def head(self, ref: VersionRef, limit: int) -> tuple[bytes, int]:
         """Reads the header only (8-byte length + JSON): start-up over 100,000 versions reads KB, not GB. The task
@@ -344,7 +351,7 @@ class LocalStore(AdapterStore):
         return f"v{ref.version:06d}-{ref.sha256[:16]}.safetensors"
 
 
-def _read_nofollow(path: Path) -> bytes:
+def _read_nofollow(path: Path | str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
         return f.read()
