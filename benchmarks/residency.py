@@ -12,8 +12,9 @@ real local store on disk and a random T5 of the named shape (ByT5 byte tokenizer
              n = 1 and n = N, device budget DEVICE_ADAPTERS adapters: p50/p99 of hot requests (adapter on the device
              at submission), device hit rate;
   kernel     one site over a batch, compact PHM (from the factors) against the same adapters materialized dense.
-Last line: `residency memory_ratio=A startup_s=B restart_s=R hot_p50_ratio=C cold_added_ms=D device_hit_rate=E` (goals: A <= 1.5,
-B (and the restart's R) <= 10 with 100,000 stored on the tiny shape, C <= 1.10, D <= 50 on t5-small).
+Last line: `residency memory_ratio=A startup_s=B restart_s=R hot_p50_ratio=C cold_added_ms=D device_hit_rate=E`
+(goals: A <= 1.5, B (and the restart's R) <= 10 with 100,000 stored on the tiny shape, C <= 1.10, D <= 50 on
+t5-small).
 
     python benchmarks/residency.py            # tiny shape N=100,000, then t5-small N=10,000
     python benchmarks/residency.py --quick    # t5-small, N=1,000, shorter phases
@@ -283,7 +284,8 @@ def main() -> None:
     start = results.get("tiny", small)
     print(
         f"residency memory_ratio={max(r['memory_ratio'] for r in results.values()):.2f} "
-        f"startup_s={start['startup_s']:.2f} restart_s={start['restart_s']:.2f} hot_p50_ratio={small['hot_p50_ratio']:.2f} "
+        f"startup_s={start['startup_s']:.2f} restart_s={start['restart_s']:.2f} "
+        f"hot_p50_ratio={small['hot_p50_ratio']:.2f} "
         f"cold_added_ms={small['cold_added_ms']:.1f} device_hit_rate={small['device_hit_rate']:.3f}"
     )
     sys.stdout.flush()
