@@ -27,6 +27,21 @@ if TYPE_CHECKING:
     from .e2e.conftest import Server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny T5s gain nothing from a second intra-op thread, and on a busy 2-core box OpenMP's barriers made in-process
+    tests ~10x slower (formats/, methods/ and the T5 tests: 90-120 s instead of 7-9 s) and training 3-6x slower.
+    Servers and commands the tests start inherit OMP_NUM_THREADS (Ray sets it for its workers too); one set by the
+    caller is kept."""
+    with pytest.MonkeyPatch.context() as mp:
+        if "OMP_NUM_THREADS" not in os.environ:
+            mp.setenv("OMP_NUM_THREADS", "1")
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        yield
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_backbone(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
