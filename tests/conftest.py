@@ -107,7 +107,8 @@ def _moto_command(port: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start the server once per session with dummy credentials in the environment; stop it at the end."""
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, once per session, with dummy credentials in the
+    environment (servers the tests start inherit them)."""
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
     port = _free_port()
@@ -199,7 +200,7 @@ def cluster_server(
     tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_endpoint: str
 ) -> Iterator[Server]:
     """`kronserve cluster`: a local Ray head, 2 replicas, adapters in an S3 bucket (the moto server) and the Redis
-    change feed. A Ray start-up is the suite's costliest (~30 s, and as long again to stop), so tests/e2e's `server`
+    change feed. A Ray start-up is the suite's costliest (~30 s, ~9 s to stop), so tests/e2e's `server`
     fixture in cluster mode and tests/cluster share this one; tests use their own task ids."""
     import boto3
 
