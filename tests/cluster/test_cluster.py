@@ -12,7 +12,6 @@ import re
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,24 +25,15 @@ X, Y = "the same input", "a target"
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_endpoint: str
-) -> Iterator[Server]:
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
-    feed = {"KRONSERVE_REDIS_URL": redis_url, "KRONSERVE_S3_ENDPOINT_URL": s3_endpoint}
-    work = tmp_path_factory.mktemp("cluster")
-    s = Server(tiny_dir, work, "cluster", store_url="s3://cluster/adapters", **feed).start()
-    yield s
-    assert s.stop() == 0
+def cluster(cluster_server: Server) -> Server:
+    """The session's cluster (tests/conftest.py): 2 replicas, adapters in the moto bucket, the Redis feed."""
+    return cluster_server
 
 
 @pytest.fixture(scope="module")
-def single(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tiny_dir, tmp_path_factory.mktemp("single-store")).start()
-    yield s
-    s.stop()
+def single(single_server: Server) -> Server:
+    """The session's single-process server: the reference answers."""
+    return single_server
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +67,7 @@ def test_each_task_on_one_replica_both_used_answers_equal_one_process(
 
             return await asyncio.gather(*(one(t, i) for i in range(4) for t in TASKS))
 
+    before = httpx.get(f"{cluster.url}/metrics", timeout=30).text  # the session's cluster: earlier tests' batches
     served_by: dict[str, set[str]] = defaultdict(set)
     for n, (task, p, s) in enumerate(asyncio.run(fire())):
         assert p.status_code == 200 and s.status_code == 200, (p.text, s.text)
@@ -92,11 +83,10 @@ def test_each_task_on_one_replica_both_used_answers_equal_one_process(
         device, host = info["tiers"]["device"], info["tiers"]["host"]
         assert device["adapters"] >= 1 and 0 < device["bytes"] <= device["budget_bytes"], (name, info["tiers"])
         assert host["adapters"] >= device["adapters"] and host["budget_bytes"] > 0, (name, info["tiers"])
-    metrics = httpx.get(f"{cluster.url}/metrics", timeout=30).text
+    after = httpx.get(f"{cluster.url}/metrics", timeout=30).text
     for name in ("replica-0", "replica-1"):
-        batches = _sample(metrics, "kronserve_batch_tasks_count", name)
-        single_task = _sample(metrics, "kronserve_batch_tasks_bucket", name, 'le="1.0"')
-        assert batches - single_task >= 1, f"{name}: {batches} batches, none with more than one task"
+        mixed = _mixed_batches(after, name) - _mixed_batches(before, name)
+        assert mixed >= 1, f"{name}: no batch of this test's requests had more than one task"
 
 
 def test_replica_death_then_upload_reaches_every_holder(
@@ -145,6 +135,13 @@ def _sample(text: str, name: str, replica: str, extra: str = "") -> float:
         float(v)
         for labels, v in re.findall(pattern, text, re.M)
         if f'replica="{replica}"' in labels and extra in labels
+    )
+
+
+def _mixed_batches(metrics: str, replica: str) -> float:
+    """Batches on `replica` with more than one task: all of them less those in the 1-task bucket."""
+    return _sample(metrics, "kronserve_batch_tasks_count", replica) - _sample(
+        metrics, "kronserve_batch_tasks_bucket", replica, 'le="1.0"'
     )
 
 

@@ -1,5 +1,5 @@
-"""A real server on 127.0.0.1, a real store directory, real HTTP: `kronserve serve`, or `kronserve cluster`
-(a local Ray head, two replicas) for the tests that must hold for both."""
+"""A real server on 127.0.0.1, a real store, real HTTP: `kronserve serve` (a store directory), or `kronserve cluster`
+(a local Ray head, two replicas; the shared one keeps adapters in S3) for the tests that must hold for both."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,14 +67,10 @@ class Server:
 
 
 @pytest.fixture(scope="session", params=MODES)
-def server(
-    request: pytest.FixtureRequest, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest) -> Server:
     """The same tests, one process or a cluster: the API contract is one. Tests use their own task ids, so one
-    server per mode serves the whole session."""
-    s = Server(tiny_dir, tmp_path_factory.mktemp(f"store-{request.param}"), request.param).start()
-    yield s
-    s.stop()
+    server per mode serves the whole session (tests/conftest.py's `single_server` and `cluster_server`)."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ def test_kronserve_train_upload_then_predict_over_http(server: Server, tiny_dir:
     cmd += ["--data", str(data), "--task", "majority", "--out", str(out), "--method", "pfeiffer", "--epochs", "3"]
     # --force: 3 quick epochs need not beat the untrained adapter's held-out accuracy; the upload path is the point.
     cmd += ["--eval-fraction", "0.25", "--device", "cpu", "--upload", server.url, "--force"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # One OpenMP thread, as tests/test_train.py: on a busy 2-core box two threads' barriers made training 3-6x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     summary, uploaded = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
     assert summary["task"] == "majority" and summary["epochs_run"] >= 1
