@@ -45,8 +45,11 @@ def test_serve_without_a_backbone_answers_the_demo_tasks(tmp_path: Path, demo_ca
     server = start(store, demo_cache)
     try:
         with ThreadPoolExecutor(len(README)) as pool:  # concurrent requests: one mixed batch, as the README shows
-            answers = dict(zip(README, pool.map(lambda t: predict(server.url, t, [README[t][0]]), README)))
-            scores = dict(zip(README, pool.map(lambda t: accuracy(server.url, t), DEMO_TASKS)))
+            answers = dict(zip(README, pool.map(lambda t: predict(server.url, t, [README[t][0]]), README), strict=True))
+            scores = {
+                t.name: s
+                for t, s in zip(DEMO_TASKS, pool.map(lambda t: accuracy(server.url, t), DEMO_TASKS), strict=True)
+            }
         assert answers == {t: [target] for t, (_, target) in README.items()}
         assert all(score >= MIN_ACCURACY for score in scores.values()), scores
         assert all((store / t.name / "ACTIVE").is_file() for t in DEMO_TASKS)
