@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint for an s3:// store (MinIO: http://host:9000); unset: AWS"
     )
-    cache_dir: Path = Field(default=Path.home() / ".cache" / "kronserve", description="where the demo backbone and its trained demo adapters go")
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "kronserve", description="where the demo backbone and demo tasks go"
+    )
     host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every interface)")
     port: int = Field(default=8000, ge=0, le=65535, description="listen port")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when torch sees one")
