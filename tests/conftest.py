@@ -17,7 +17,8 @@ import httpx
 import pytest
 import torch
 
-from kronserve.backbone import Backbone, load_backbone, write_tiny_backbone
+from kronserve.backbone import Backbone, demo_backbone, load_backbone, write_tiny_backbone
+from kronserve.demo import demo_adapters
 from kronserve.engine import Engine
 from kronserve.formats.native import AdapterFile, dumps, loads
 from kronserve.methods import init_tensors, preset
@@ -41,6 +42,16 @@ def _one_intra_op_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_backbone(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir as a first start on the offline demo backbone leaves it: the backbone and the trained demo
+    adapters. Training takes about a minute on 2 cores, so the whole run pays it once."""
+    cache = tmp_path_factory.mktemp("kronserve-cache")
+    source = demo_backbone(cache)
+    demo_adapters(str(source), load_backbone(str(source), device="cpu").fingerprint, cache)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
         default=None, description="S3-compatible endpoint for an s3:// store (MinIO: http://host:9000); unset: AWS"
     )
     cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "kronserve", description="where the demo backbone and the start-up index go"
+        default=Path.home() / ".cache" / "kronserve",
+        description="where the demo backbone, demo tasks and the start-up index go",
     )
     host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every interface)")
     port: int = Field(default=8000, ge=0, le=65535, description="listen port")

@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from .backbone import default_backbone, load_backbone
+from .backbone import DEFAULT_HUB_ID, default_backbone, load_backbone
 from .changes import ChangeFeed
 from .config import Settings
+from .demo import DEMO_TASKS, demo_adapters
 from .engine import Engine
 from .errors import KronserveError, NotReady
 from .formats.importers import to_adapter
@@ -304,8 +305,11 @@ class Service:
                 engine.pin(task)
             except KronserveError as e:
                 log.error("cannot pin %r: %s", task, e)
-        if self.preload is None and s.backbone is None and DEMO_TASK not in {e.task for e in engine.registry.entries()}:
-            self._add_demo_adapter(engine)
+        if self.preload is None and s.backbone is None:
+            if source == DEFAULT_HUB_ID:
+                self._add_demo_adapter(engine)
+            else:
+                self._add_demo_adapters(engine)
         return engine
 
     def _snapshot_path(self) -> Path:
@@ -316,10 +320,26 @@ class Service:
 
     @staticmethod
     def _add_demo_adapter(engine: Engine) -> None:
-        """The README's first curl needs a task: a Compacter++ with the paper's init (near-identity)."""
+        """On t5-small from the hub: a near-identity Compacter++ (the paper's init), so `demo` answers T5's own
+        pretraining tasks ("translate English to German: ...", "sst2 sentence: ...")."""
+        if DEMO_TASK in {e.task for e in engine.registry.entries()}:
+            return
         spec = preset("compacter++")
         norms = {k: v.float() for k, v in base_norms(engine.backbone.model).items()}
         tensors = init_tensors(spec, engine.geometry, seed=0, base_norms=norms)
         data = dumps(AdapterFile(DEMO_TASK, spec, engine.backbone.fingerprint, tensors))
         engine.registry.upload(DEMO_TASK, data)
         log.info("added demo adapter %r", DEMO_TASK)
+
+    def _add_demo_adapters(self, engine: Engine) -> None:
+        """On the offline demo backbone: the demo tasks (kronserve.demo), trained once and put in the store as
+        ordinary adapters, never over a task the store already has."""
+        have = {e.task for e in engine.registry.entries()}
+        missing = [t for t in DEMO_TASKS if t.name not in have]
+        if not missing:
+            return
+        bb = engine.backbone
+        files = demo_adapters(bb.source, bb.fingerprint, self.settings.cache_dir)
+        for task in missing:
+            engine.registry.upload(task.name, files[task.name].read_bytes())
+            log.info("added demo adapter %r", task.name)

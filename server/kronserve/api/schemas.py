@@ -50,7 +50,7 @@ class PredictRequest(_Strict):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"task": "demo", "inputs": ["translate English to German: Hello, world"]},
+                {"task": "sentiment", "inputs": ["what a wonderful film"]},
                 {"task": "sst2", "inputs": ["sst2 sentence: a great film"], "max_new_tokens": 4, "num_beams": 2},
             ]
         }
