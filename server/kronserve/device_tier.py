@@ -117,10 +117,6 @@ class DeviceTier:
         with self._lock:
             return sum(r.nbytes for r in self._by_key.values() if r.task in self._pinned and not r.retired)
 
-    def allocated_bytes(self) -> int:
-        with self._lock:
-            return sum(p.rows.numel() * p.rows.element_size() for p in self._pools.values())
-
     def count(self) -> int:
         return len(self._by_key)
 
@@ -138,8 +134,8 @@ class DeviceTier:
     def hold(self, wants: Sequence[tuple[Key, str, Compact] | None]) -> list[int]:
         """Lease each wanted version (None: the bare backbone), loading the missing ones: their slots, in order."""
         with self._lock:
-            for layout in [lay for lay, pool in self._pools.items() if pool.used == 0]:
-                del self._pools[layout]  # emptied by releases since the last hold
+            for pool in list(self._pools.values()):  # thinned by releases since the last hold
+                self._shrink(pool)
             missing: dict[Key, tuple[str, Compact]] = {}
             for want in wants:
                 if want is not None and want[0] not in self._by_key:
@@ -190,10 +186,12 @@ class DeviceTier:
             self.metrics.tier_evictions.labels("device").inc()
 
     def _remove(self, r: Resident) -> None:
-        """Evict `r` and give memory back: an empty pool is freed, a quarter-full one halved (rows move, which
-        is why only `hold`, under the forward lock, calls this)."""
         self._forget(r)
-        pool = r.pool
+        self._shrink(r.pool)
+
+    def _shrink(self, pool: Pool) -> None:
+        """Give memory back: an empty pool is freed, a quarter-full one halved (rows move, which is why only
+        `hold`, under the forward lock, calls this)."""
         if pool.used == 0:
             self._pools.pop(pool.layout, None)
         elif pool.capacity >= 8 and pool.used <= pool.capacity // 4:
