@@ -23,6 +23,10 @@ METHODS = [
     ("pfeiffer", {"layer_norms": True, "activation": "gelu"}),
     ("lora", {}),
     ("lora", {"targets": ("q", "k", "v", "o", "wi", "wo"), "rank": 4, "alpha": 16.0, "rslora": True}),
+    ("prefix", {"prefix_length": 3}),
+    ("prefix", {"prefix_length": 5, "locations": ("decoder",), "positions": "peft"}),
+    ("prefix", {"prefix_length": 7, "leave_out": (0, 3)}),
+    ("mam", {"prefix_length": 4, "reduction_factor": 8}),
 ]
 INPUTS = ["summarize: the cat sat on the mat", "hi", "translate English to German: good morning", "x" * 40]
 

@@ -3,6 +3,7 @@ teacher-forced forward of that row alone (no cache, no padding, no neighbours), 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kronserve.decoding import Sequence
@@ -13,11 +14,16 @@ from .conftest import held_slots
 from .test_engine import INPUTS, METHODS
 
 LENGTHS = [12, 5, 9, 7, 3, 10, 4]
+# Prefixes of lengths 3, 5 (PEFT's positions), 7 (with leave_out layers) and MAM's 4 beside Compacter and LoRA rows.
+PREFIXED = [METHODS[i] for i in (11, 12, 13, 14, 0, 9)]
 
 
-def test_every_rows_logits_equal_its_own_forward_as_rows_join_and_leave(engine: Engine, adapter_for) -> None:
+@pytest.mark.parametrize("methods", [METHODS[: len(LENGTHS) - 1], PREFIXED], ids=["adapters", "prefixes"])
+def test_every_rows_logits_equal_its_own_forward_as_rows_join_and_leave(
+    engine: Engine, adapter_for, methods: list
+) -> None:
     slots = []
-    for i, (method, overrides) in enumerate(METHODS[: len(LENGTHS)]):
+    for i, (method, overrides) in enumerate([*methods, METHODS[0]]):
         engine.load(adapter_for(f"r{i}", method, seed=i, std=0.3, **overrides))
         slots += held_slots(engine, [f"r{i}"])
     slots[-1] = -1  # and a bare row

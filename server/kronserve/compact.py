@@ -30,9 +30,10 @@ class Part:
 class Layout:
     """What one pool's rows hold: the kernel that reads them, its options, and each part's place in the row."""
 
-    kernel: str  # "bottleneck", "phm" or "lora"
+    kernel: str  # "bottleneck", "phm", "lora" or "prefix" (prefixes alone)
     activation: str | None
     placement: str | None
+    positions: str | None  # how prefix positions count ("adapterhub" or "peft"; methods/prefix.py), None: no prefix
     parts: dict[str, Part] = field(repr=False)
     numel: int
     sites: frozenset[str]  # sites with an adapter (bottleneck and PHM kernels)
@@ -41,10 +42,14 @@ class Layout:
     spans: dict[str, Part] = field(repr=False)  # site or projection -> the contiguous run of all its parts
     owner: dict[str, str] = field(repr=False)  # part -> its site or projection (shared parts and norms: none)
     members: dict[str, tuple[str, ...]] = field(repr=False)  # site or projection -> its parts
+    prefixes: frozenset[str] = frozenset()  # attention sites with a key/value prefix
+    prefix_length: int = 0
 
 
 @functools.cache
-def layout_of(kernel: str, activation: str | None, placement: str | None, shapes: tuple) -> Layout:
+def layout_of(
+    kernel: str, activation: str | None, placement: str | None, shapes: tuple, positions: str | None = None
+) -> Layout:
     """One Layout object per distinct layout (interned, so pools are found by identity)."""
     parts, offset = {}, 0
     for name, shape in shapes:
@@ -53,9 +58,12 @@ def layout_of(kernel: str, activation: str | None, placement: str | None, shapes
             numel *= s
         parts[name] = Part(offset, numel, shape)
         offset += numel
-    ends = {"bottleneck": ".down_b", "phm": ".down.b", "lora": ".A"}[kernel]
-    used = frozenset(name[: -len(ends)] for name in parts if name.endswith(ends))
+    ends = {"bottleneck": ".down_b", "phm": ".down.b", "lora": ".A", "prefix": None}[kernel]
+    used = frozenset(name[: -len(ends)] for name in parts if ends and name.endswith(ends))
     sites, linears = (frozenset(), used) if kernel == "lora" else (used, frozenset())
+    prefixed = frozenset(name[7:-2] for name in parts if name.startswith("prefix.") and name.endswith(".k"))
+    length = next((parts[f"prefix.{s}.k"].shape[0] for s in prefixed), 0)
+    used = used | {f"prefix.{s}" for s in prefixed}
     norms = any(name.startswith("layer_norm.") for name in parts)
     owner = {name: key for name in parts for key in (name.rsplit(".", 2)[0], name.rsplit(".", 1)[0]) if key in used}
     spans = {}
@@ -66,7 +74,22 @@ def layout_of(kernel: str, activation: str | None, placement: str | None, shapes
             spans[key] = Part(start, end - start, (end - start,))
     owner = {name: key for name, key in owner.items() if key in spans}
     members = {key: tuple(name for name, k in owner.items() if k == key) for key in spans}
-    return Layout(kernel, activation, placement, parts, offset, sites, linears, norms, spans, owner, members)
+    return Layout(
+        kernel,
+        activation,
+        placement,
+        positions,
+        parts,
+        offset,
+        sites,
+        linears,
+        norms,
+        spans,
+        owner,
+        members,
+        prefixed,
+        length,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +111,8 @@ def compact(adapter: AdapterFile, dtype: torch.dtype) -> Compact:
         bad = next(n for n, t in parts.items() if not torch.isfinite(t.to(dtype)).all())
         raise InvalidAdapter(f"{bad}: the adapter's weights are not finite in {dtype}")
     shapes = tuple((name, tuple(t.shape)) for name, t in parts.items())
-    layout = layout_of(spec.kernel, getattr(spec, "activation", None), getattr(spec, "placement", None), shapes)
+    activation, placement = getattr(spec, "activation", None), getattr(spec, "placement", None)
+    layout = layout_of(spec.kernel, activation, placement, shapes, spec.prefix_convention())
     return Compact(layout, flat)
 
 

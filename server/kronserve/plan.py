@@ -75,6 +75,42 @@ class SitePlan(Protocol):
         """Per-row RMSNorm weights, [R, 1, d] or [1, 1, d] (broadcast)."""
         ...
 
+    def prefix_at(self, site: int, rows: int) -> PrefixRows | None:
+        """What the `rows` rows of attention `site` attend to besides their tokens (None: the stock attention)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PrefixRows:
+    """Each row's key/value prefix at one attention site, and how its positions count (methods/prefix.py).
+
+    A row's prefix fills the first `lengths[r]` of the `keys`/`values` columns; the rest are masked. Relative
+    positions, for a query at real position q: prefix key j at `j - prefix_shift - q`, real key c at
+    `c - q + real_shift`. `zero_bias` rows attend with no position bias at all (AdapterHub's leave_out layers).
+    """
+
+    keys: torch.Tensor | None  # [R, P, heads·d_kv] (None: no row has a prefix here, only zero-bias rows)
+    values: torch.Tensor | None
+    lengths: torch.Tensor  # [R] long
+    real_shift: torch.Tensor  # [R] long
+    prefix_shift: torch.Tensor  # [R] long
+    zero_bias: torch.Tensor  # [R] bool
+
+    def expand(self, m: int) -> PrefixRows:
+        """Each request's row repeated for its m beams (HF's `repeat_interleave` order)."""
+        if m == 1:
+            return self
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(m, dim=0)
+
+        return PrefixRows(
+            rep(self.keys),
+            rep(self.values),
+            *(t.repeat_interleave(m, dim=0) for t in (self.lengths, self.real_shift, self.prefix_shift)),
+            self.zero_bias.repeat_interleave(m, dim=0),
+        )
+
 
 @dataclass(frozen=True)
 class SiteNames:
@@ -128,6 +164,7 @@ class BatchPlan:
         self._base_norms = base_norms
         self.use_norms = any(g.layout.norms for g in groups)
         self._norm_cache: dict[int, torch.Tensor] = {}
+        self._prefix_cache: dict[int, PrefixRows | None] = {}
 
     def acts_at(self, site: int) -> bool:
         name = self.names.sites[site]
@@ -198,3 +235,49 @@ class BatchPlan:
                         w.index_copy_(0, g.members, mine)
             self._norm_cache[norm] = w.unsqueeze(1)
         return self._norm_cache[norm]
+
+    def prefix_at(self, site: int, rows: int) -> PrefixRows | None:
+        """Each row's prefix at attention `site`, gathered from the device pool once per pass (None when no row's
+        attention differs from the stock one there)."""
+        if site not in self._prefix_cache:
+            self._prefix_cache[site] = self._prefix_rows(self.names.sites[site])
+        found = self._prefix_cache[site]
+        return None if found is None else found.expand(self.route.expand(rows))
+
+    def _prefix_rows(self, name: str) -> PrefixRows | None:
+        stack, _, kind = name.split(".")
+        first = f"{stack}.0.{kind}"  # the layer whose position bias the stack's other layers reuse (AdapterHub)
+        involved = []
+        for g in self._groups:
+            lay = g.layout
+            if lay.positions is None:
+                continue
+            has = name in lay.prefixes
+            zero = kind != "cross" and lay.positions == "adapterhub" and has != (first in lay.prefixes)
+            if has or zero:
+                involved.append((g, has, zero))
+        if not involved:
+            return None
+        n, device = self.route.rows, self.route.slots.device
+        longest = max((g.layout.prefix_length for g, has, _ in involved if has), default=0)
+        keys = values = None
+        lengths, real_shift, prefix_shift = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(3))
+        zero_bias = torch.zeros(n, dtype=torch.bool, device=device)
+        for g, has, zero in involved:
+            rows = g.members if g.members is not None else torch.arange(n, device=device)
+            length = g.layout.prefix_length
+            if has:
+                k, v = g.part(f"prefix.{name}.k"), g.part(f"prefix.{name}.v")  # [G, P, heads·d_kv]
+                if keys is None:
+                    keys = k.new_zeros(n, longest, k.shape[-1])
+                    values = k.new_zeros(n, longest, k.shape[-1])
+                keys[rows, :length] = k
+                values[rows, :length] = v
+                lengths[rows] = length
+                if g.layout.positions == "peft":
+                    prefix_shift[rows] = length
+                elif not zero:
+                    real_shift[rows] = length
+            if zero:
+                zero_bias[rows] = True
+        return PrefixRows(keys, values, lengths, real_shift, prefix_shift, zero_bias)

@@ -6,7 +6,8 @@ does not depend on the transformers version's attention signature:
 - `dropout` becomes an `AdapterSite`, which returns `f + A(...)` for the batch's rows (x is captured
   by a forward pre-hook on the sublayer, since Pfeiffer and parallel placement read the residual);
 - `layer_norm` (and each stack's `final_layer_norm`) becomes a `RoutedNorm` that applies per-row
-  norm weights when a task in the batch carries its own.
+  norm weights when a task in the batch carries its own;
+- every attention computes through `prefix_attention.routed_attention`, which adds each row's key/value prefix.
 With no plan active, or a plan of bare rows only, both return exactly what the originals return.
 """
 
@@ -22,6 +23,7 @@ from transformers import T5ForConditionalGeneration
 
 from .methods import Geometry
 from .plan import SitePlan
+from .prefix_attention import install_prefix_attention
 
 
 class SiteRouter:
@@ -155,7 +157,19 @@ def install_sites(model: T5ForConditionalGeneration, geometry: Geometry) -> Site
         s = getattr(model, stack)
         s.final_layer_norm = RoutedNorm(norm_index[f"layer_norm.{stack}.final"], router, s.final_layer_norm)
     _install_linears(model, geometry, router, dtype)
+    install_prefix_attention(model, list(_attentions(model, site_index)), router)
     return router
+
+
+def _attentions(model: T5ForConditionalGeneration, site_index: dict[str, int]) -> Iterator[tuple]:
+    """(site index, attention module, the module owning its stack's relative position bias or None) of each
+    attention: a stack's first self-attention computes the bias its other layers reuse; cross-attention has none."""
+    for name, layer in sublayers(model):
+        if name.endswith(".cross"):
+            yield site_index[name], layer.EncDecAttention, None
+        elif name.endswith(".mh"):
+            stack = getattr(model, name.split(".")[0])
+            yield site_index[name], layer.SelfAttention, stack.block[0].layer[0].SelfAttention
 
 
 def _install_linears(

@@ -15,6 +15,7 @@ from .base import AdapterSpec, DenseAdapter, Geometry, MethodSpec
 from .bottleneck import BottleneckSpec
 from .lora import LoraSpec
 from .phm import PHMSpec
+from .prefix import MamSpec, PrefixSpec
 
 PAPER_PHM_DIM = 12  # PHM-Adapter's n in the paper's configs (see preset)
 _COMPACTER = dict(placement="houlsby", reduction_factor=32, activation="gelu_new", phm_dim=4, rank=1)
@@ -32,9 +33,25 @@ METHODS: dict[str, tuple[type[MethodSpec], dict[str, Any]]] = {
         dict(placement="pfeiffer", sites=("ffn",), reduction_factor=16, activation="relu"),
     ),
     "lora": (LoraSpec, dict(rank=8, alpha=8.0, targets=("q", "v"))),  # PEFT's defaults on T5
+    # The unified-view paper's settings: prefix length 30 on all three attentions (AdapterHub's defaults too) ...
+    "prefix": (PrefixSpec, dict(prefix_length=30, locations=("encoder", "decoder", "cross"))),
+    # ... and MAM: that prefix plus a parallel adapter reading the feed-forward's input, scale 4, ReLU, bottleneck
+    # d_model / 2 (the paper's r 512 on BART-large's 1024; AdapterHub's MAMConfig uses ParBnConfig, reduction 2).
+    "mam": (
+        MamSpec,
+        dict(
+            placement="parallel",
+            sites=("ffn",),
+            reduction_factor=2,
+            activation="relu",
+            scaling=4.0,
+            prefix_length=30,
+            prefix_locations=("encoder", "decoder", "cross"),
+        ),
+    ),
 }
 
-AnySpec = Annotated[PHMSpec | BottleneckSpec | LoraSpec, Field(discriminator="method")]
+AnySpec = Annotated[PHMSpec | BottleneckSpec | LoraSpec | PrefixSpec | MamSpec, Field(discriminator="method")]
 _SPEC_ADAPTER: TypeAdapter[MethodSpec] = TypeAdapter(AnySpec)
 
 
@@ -102,8 +119,10 @@ __all__ = [
     "DenseAdapter",
     "Geometry",
     "LoraSpec",
+    "MamSpec",
     "MethodSpec",
     "PHMSpec",
+    "PrefixSpec",
     "init_tensors",
     "parse_spec",
     "preset",

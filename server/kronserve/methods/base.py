@@ -114,6 +114,14 @@ class MethodSpec(BaseModel):
     def compact_own(self, geometry: Geometry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def prefix_convention(self) -> str | None:
+        """How a prefix's positions count (methods/prefix.py), or None for a method without prefixes."""
+        return None
+
+    def prefix_sites(self, geometry: Geometry) -> list[str]:
+        """The attention sites with a key/value prefix (methods/prefix.py)."""
+        return []
+
     def check_geometry(self, geometry: Geometry) -> None:
         total = geometry.num_layers + geometry.num_decoder_layers
         bad = [i for i in self.leave_out if not 0 <= i < total]

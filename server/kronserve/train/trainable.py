@@ -56,6 +56,9 @@ class TrainablePlan:
         """The task's weight as [1, 1, d]: every row is the same task, so it broadcasts."""
         return self.params[self._norms[norm]].view(1, 1, -1)
 
+    def prefix_at(self, site: int, rows: int) -> None:
+        return None
+
     def parameters(self) -> list[nn.Parameter]:
         return list(self.params.values())
 
