@@ -55,7 +55,10 @@ def spec_from_config(cfg: dict[str, Any]) -> AdapterSpec:
     if cfg.get("model_type") not in (None, "t5"):
         raise InvalidSpec(f"adapter was saved for model_type {cfg.get('model_type')!r}; kronserve serves T5")
     if c.get("architecture", "bottleneck") not in (None, "bottleneck"):
-        raise InvalidSpec(f"AdapterHub architecture {c.get('architecture')!r} is not supported (bottleneck only)")
+        raise InvalidSpec(
+            f"AdapterHub architecture {c.get('architecture')!r} is not supported "
+            "(bottleneck, prefix_tuning, or a union of a prefix and a bottleneck: MAM)"
+        )
     for option, needed in _MUST_BE.items():
         if option in c and bool(c[option]) != needed:
             raise InvalidSpec(f"AdapterHub option {option}={c[option]!r} is not supported (kronserve needs {needed})")

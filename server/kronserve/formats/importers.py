@@ -2,7 +2,8 @@
 
 - native: one kronserve `.safetensors`;
 - AdapterHub: `adapter_config.json` + `pytorch_adapter.bin` or `adapter.safetensors` (head files ignored);
-- PEFT LoRA: `adapter_config.json` (with `peft_type`) + `adapter_model.safetensors`;
+- AdapterHub prefix tuning and MAM (a prefix + bottleneck union): the same files;
+- PEFT LoRA and prefix tuning: `adapter_config.json` (with `peft_type`) + `adapter_model.safetensors`;
 - the Compacter paper's code: a lone whole-model `pytorch_model.bin`.
 Files are matched by base name, so a client may send a directory's files as they are. Importers produce the
 native spec + tensors and nothing else; the result is checked like any native file before it is served.
@@ -18,7 +19,7 @@ import torch
 from ..backbone import Fingerprint
 from ..errors import BadRequest, UnsupportedFormat
 from ..methods import MethodSpec
-from . import adapterhub, native, paper, peft
+from . import adapterhub, adapterhub_prefix, native, paper, peft
 from .native import AdapterFile
 from .weights import load_weights
 
@@ -84,16 +85,22 @@ def _from_peft(
     cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
 ) -> AdapterFile:
     state = _weights(parts, PEFT_WEIGHTS, "PEFT", allow_pickle)
-    spec, tensors = peft.import_lora(cfg, state, fingerprint.geometry)
+    if peft.is_prefix_tuning(cfg):
+        spec, tensors = peft.import_prefix(cfg, state, fingerprint.geometry)
+    else:
+        spec, tensors = peft.import_lora(cfg, state, fingerprint.geometry)
     return _checked(task, spec, fingerprint, tensors, _declared(cfg.get("base_model_name_or_path")))
 
 
 def _from_adapterhub(
     cfg: dict, parts: dict[str, bytes], task: str, fingerprint: Fingerprint, allow_pickle: bool
 ) -> AdapterFile:
-    spec = adapterhub.spec_from_config(cfg)
     state = _weights(parts, ADAPTERHUB_WEIGHTS, "AdapterHub", allow_pickle)
-    tensors = adapterhub.tensors_from_state(spec, cfg, state)
+    if adapterhub_prefix.is_prefix_config(cfg):
+        spec, tensors = adapterhub_prefix.import_prefix(cfg, state, fingerprint.geometry)
+    else:
+        spec = adapterhub.spec_from_config(cfg)
+        tensors = adapterhub.tensors_from_state(spec, cfg, state)
     return _checked(task, spec, fingerprint, tensors, _declared(cfg.get("model_name")))
 
 

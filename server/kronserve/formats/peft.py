@@ -1,4 +1,5 @@
-"""PEFT LoRA saved directories (`adapter_config.json` with `peft_type: LORA` + `adapter_model.safetensors`).
+"""PEFT saved directories (`adapter_config.json` with `peft_type` + `adapter_model.safetensors`): LoRA and
+prefix tuning (at the end of this module).
 
 Keys on T5: `base_model.model.{encoder|decoder}.block.{i}.layer.{j}.{SelfAttention|EncDecAttention|
 DenseReluDense}.{q|k|v|o|wi|wo}.lora_{A|B}.weight`. The native spec's targets and leave_out are read from
@@ -167,3 +168,61 @@ def _why(option: str, allowed: tuple[Any, ...]) -> str:
     if allowed is _OFF:
         return "kronserve needs it unset"
     return f"kronserve needs {' or '.join(repr(a) for a in allowed)}"
+
+
+# ---- prefix tuning ------------------------------------------------------------------------------------------
+# PEFT's PrefixTuningConfig fields that never change the served prefix (the saved `prompt_embeddings` is the final
+# prefix, with or without `prefix_projection`), and those read below.
+_PREFIX_NEUTRAL = frozenset(
+    {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+     "peft_version", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+     "num_layers", "encoder_hidden_size", "prefix_projection", "modules_to_save"}
+)  # fmt: skip
+
+
+def is_prefix_tuning(cfg: dict[str, Any]) -> bool:
+    return cfg.get("peft_type") == "PREFIX_TUNING"
+
+
+def import_prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], geometry: Geometry) -> tuple[Any, dict]:
+    """The native `prefix` spec (PEFT's positions, decoder self-attention only) and final prefixes.
+
+    PEFT's `get_prompt` views `prompt_embeddings` [P, L·2·token_dim] as [P, 2L, H, d], doubles it along the layer
+    axis for an encoder-decoder model (num_transformer_submodules 2), and splits it in fours: decoder layer i takes
+    rows 4i and 4i+1 (mod 2L) as its self-attention keys and values; the cross-attention half is dropped (PEFT
+    resets that cache), and the encoder gets nothing.
+    """
+    _check_prefix_options(cfg)
+    embeddings = [t for k, t in state.items() if k == "prompt_embeddings" or k.endswith(".prompt_embeddings")]
+    if len(embeddings) != 1 or len(state) != 1:
+        raise InvalidAdapter(f"a PEFT prefix-tuning file holds one tensor, prompt_embeddings; this has {sorted(state)}")
+    prompt = embeddings[0].float()
+    length, layers, width = int(cfg.get("num_virtual_tokens", 0)), geometry.num_decoder_layers, geometry.d_attn
+    if prompt.shape != (length, layers * 2 * width):
+        raise InvalidAdapter(
+            f"prompt_embeddings has shape {tuple(prompt.shape)}; {length} virtual tokens on {layers} layers of "
+            f"attention width {width} need {(length, layers * 2 * width)}"
+        )
+    rows = prompt.view(length, 2 * layers, width)
+    tensors = {}
+    for i in range(layers):
+        tensors[f"prefix.decoder.{i}.mh.k"] = rows[:, (4 * i) % (2 * layers)].clone()
+        tensors[f"prefix.decoder.{i}.mh.v"] = rows[:, (4 * i + 1) % (2 * layers)].clone()
+    spec = parse_spec({"method": "prefix", "prefix_length": length, "locations": ("decoder",), "positions": "peft"})
+    return spec, tensors
+
+
+def _check_prefix_options(cfg: dict[str, Any]) -> None:
+    """InvalidSpec naming the first field kronserve cannot honour."""
+    for option, value in cfg.items():
+        if option not in _PREFIX_NEUTRAL and not _is_off(value):
+            raise InvalidSpec(f"PEFT prefix-tuning option {option}={value!r} is unknown to kronserve: refused")
+    if cfg.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
+        raise InvalidSpec(f"PEFT option task_type={cfg.get('task_type')!r}: kronserve serves SEQ_2_SEQ_LM prefixes")
+    if cfg.get("num_transformer_submodules", 2) != 2:
+        raise InvalidSpec(
+            f"PEFT option num_transformer_submodules={cfg.get('num_transformer_submodules')!r}: an encoder-decoder "
+            "prefix has 2 (kronserve maps PEFT's layers as its seq2seq get_prompt does)"
+        )
+    if cfg.get("modules_to_save"):
+        raise InvalidSpec(f"PEFT option modules_to_save={cfg['modules_to_save']!r} is not supported")
