@@ -302,3 +302,28 @@ def test_failed_upload_says_where_the_file_is(tmp_path: Path, monkeypatch: pytes
     fake_server(monkeypatch, 401, {"error": "unauthorized", "detail": "bad token"})
     with pytest.raises(KronserveError, match=f"upload to http://x failed .*saved at {path}"):
         upload(path, "t", "http://x", None)
+
+
+@pytest.mark.parametrize("method", ["prefix", "mam"])
+def test_prefixes_train_through_their_mlp_and_the_server_reproduces_the_outputs(
+    method: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The prefix trains as the papers train it (an MLP over an embedding), and only its output is saved: the
+    native file's final prefixes, which the engine serves to the same held-out outputs."""
+    data = write_jsonl(tmp_path / "d.jsonl", majority_task(64))
+    config = TrainConfig(
+        method=method, prefix_length=4, epochs=3, lr=1e-2, eval_fraction=0.25, device="cpu", progress=False
+    )
+    result = train(str(tiny_dir), data, "p", tmp_path / "p.safetensors", config)
+    s = result.summary()
+    assert s["final_train_loss"] < s["first_epoch_loss"]
+    spec, geometry = result.adapter.spec, result.adapter.geometry
+    assert set(result.adapter.tensors) == set(spec.tensor_shapes(geometry))  # no MLP weight in the file
+    assert s["params"] > spec.param_count(geometry)  # the MLP trained is bigger than what is served
+    engine = Engine(load_backbone(str(tiny_dir), device="cpu"))
+    engine.load(load(result.path, engine.backbone.fingerprint))
+    inputs = [e.input for e in result.eval_examples]
+    outputs = engine.generate(["p"] * len(inputs), inputs, max_new_tokens=result.max_new_tokens).outputs
+    assert outputs == result.eval_predictions
+    bare = engine.score([None], ["abcde"], ["yes"]).scores[0]
+    assert engine.score(["p"], ["abcde"], ["yes"]).scores[0] != pytest.approx(bare, abs=1e-3)

@@ -43,7 +43,8 @@ def choices(name: str, values: typing.Iterable[str]) -> type[enum.StrEnum]:
 
 Shape = choices("Shape", ("tiny", "t5-small", "t5-base"))  # backbone.SHAPES' keys: --help must not import torch
 Device = choices("Device", ("auto", "cpu", "cuda"))
-METHODS = "compacter, compacter++, phm, houlsby, pfeiffer or lora"
+METHODS = "compacter, compacter++, phm, houlsby, pfeiffer, lora, prefix or mam"
+PREFIX_LENGTH = "prefix and mam: key/value prefix length per attention"
 
 
 def _print_version(value: bool) -> None:
@@ -176,6 +177,7 @@ def adapter_init(
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha")] = None,
     targets: Annotated[str | None, typer.Option(help="LoRA projections, comma-separated: q,k,v,o,wi,wo")] = None,
     layer_norms: Annotated[bool, typer.Option(help="carry per-task T5 layer norms")] = False,
+    prefix_length: Annotated[int | None, typer.Option(help=PREFIX_LENGTH)] = None,
     seed: int = 0,
     std: Annotated[
         float | None, typer.Option(help="draw every weight from N(0, std) instead of the paper init")
@@ -203,6 +205,7 @@ def adapter_init(
         alpha=alpha,
         targets=tuple(targets.split(",")) if targets else None,
         layer_norms=layer_norms or None,
+        prefix_length=prefix_length,
     )
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
@@ -223,6 +226,7 @@ def train_command(
     phm_dim: Annotated[int | None, typer.Option(help="PHM methods: number of Kronecker summands")] = None,
     rank: Annotated[int | None, typer.Option(help="rank of Compacter's W_i factors, or LoRA's rank")] = None,
     layer_norms: Annotated[bool, typer.Option(help="train per-task T5 layer norms too")] = False,
+    prefix_length: Annotated[int | None, typer.Option(help=PREFIX_LENGTH)] = None,
     epochs: int = 10,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many optimizer steps (all epochs)")] = None,
     batch_size: int = 16,
@@ -248,7 +252,7 @@ def train_command(
 
     config = TrainConfig(
         method, reduction_factor, phm_dim, rank, layer_norms, epochs, batch_size, lr, eval_fraction, patience,
-        max_new_tokens, seed, str(device), max_steps=max_steps,
+        max_new_tokens, seed, str(device), max_steps=max_steps, prefix_length=prefix_length,
     )  # fmt: skip
     result = train(backbone, data, task, out, config)
     typer.echo(json.dumps(result.summary()))

@@ -9,7 +9,7 @@ differentiable) both implement it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -245,39 +245,46 @@ class BatchPlan:
         return None if found is None else found.expand(self.route.expand(rows))
 
     def _prefix_rows(self, name: str) -> PrefixRows | None:
-        stack, _, kind = name.split(".")
-        first = f"{stack}.0.{kind}"  # the layer whose position bias the stack's other layers reuse (AdapterHub)
         involved = []
         for g in self._groups:
-            lay = g.layout
-            if lay.positions is None:
-                continue
-            has = name in lay.prefixes
-            zero = kind != "cross" and lay.positions == "adapterhub" and has != (first in lay.prefixes)
-            if has or zero:
-                involved.append((g, has, zero))
+            if g.layout.positions is not None:
+                rule = prefix_rule(g.layout.positions, name, g.layout.prefixes, g.layout.prefix_length)
+                if rule.has or rule.zero_bias:
+                    involved.append((g, rule))
         if not involved:
             return None
         n, device = self.route.rows, self.route.slots.device
-        longest = max((g.layout.prefix_length for g, has, _ in involved if has), default=0)
+        longest = max((g.layout.prefix_length for g, rule in involved if rule.has), default=0)
         keys = values = None
         lengths, real_shift, prefix_shift = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(3))
         zero_bias = torch.zeros(n, dtype=torch.bool, device=device)
-        for g, has, zero in involved:
+        for g, rule in involved:
             rows = g.members if g.members is not None else torch.arange(n, device=device)
-            length = g.layout.prefix_length
-            if has:
+            if rule.has:
                 k, v = g.part(f"prefix.{name}.k"), g.part(f"prefix.{name}.v")  # [G, P, heads·d_kv]
-                if keys is None:
-                    keys = k.new_zeros(n, longest, k.shape[-1])
-                    values = k.new_zeros(n, longest, k.shape[-1])
-                keys[rows, :length] = k
-                values[rows, :length] = v
-                lengths[rows] = length
-                if g.layout.positions == "peft":
-                    prefix_shift[rows] = length
-                elif not zero:
-                    real_shift[rows] = length
-            if zero:
-                zero_bias[rows] = True
+                if keys is None or values is None:
+                    keys, values = k.new_zeros(n, longest, k.shape[-1]), k.new_zeros(n, longest, k.shape[-1])
+                keys[rows, : k.shape[1]], values[rows, : k.shape[1]] = k, v
+                lengths[rows] = k.shape[1]
+            real_shift[rows], prefix_shift[rows], zero_bias[rows] = rule.real_shift, rule.prefix_shift, rule.zero_bias
         return PrefixRows(keys, values, lengths, real_shift, prefix_shift, zero_bias)
+
+
+@dataclass(frozen=True)
+class PrefixRule:
+    has: bool  # the row has a prefix at this site
+    zero_bias: bool
+    real_shift: int
+    prefix_shift: int
+
+
+def prefix_rule(positions: str, site: str, prefixed: Collection[str], length: int) -> PrefixRule:
+    """How a row whose adapter has prefixes of `length` at `prefixed` attends at `site` (methods/prefix.py).
+
+    AdapterHub: a stack's first layer computes the position bias its other layers reuse while their key lengths
+    match, so a layer whose prefix presence differs from the first layer's attends with no bias at all."""
+    stack, _, kind = site.split(".")
+    has = site in prefixed
+    zero = kind != "cross" and positions == "adapterhub" and has != (f"{stack}.0.{kind}" in prefixed)
+    real = length if has and positions == "adapterhub" and not zero else 0
+    return PrefixRule(has, zero, real, length if has and positions == "peft" else 0)

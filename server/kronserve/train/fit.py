@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     max_steps: int | None = None  # optimizer steps over all epochs; None: as many as the epochs take
+    prefix_length: int | None = None  # prefix and mam
 
     def check(self) -> None:
         """Refuse nonsense before the backbone is loaded: a bad option should cost nothing."""
@@ -67,6 +68,7 @@ class TrainConfig:
             phm_dim=self.phm_dim,
             rank=self.rank,
             layer_norms=self.layer_norms or None,
+            prefix_length=self.prefix_length,
         )
 
 
@@ -193,7 +195,7 @@ def open_session(source: str, cfg: TrainConfig, spec: MethodSpec | None = None) 
     norms = {k: v.float().cpu() for k, v in base_norms(backbone.model).items()}
     tensors = init_tensors(spec, geometry, seed=cfg.seed, base_norms=norms)
     backbone.model.requires_grad_(False)
-    plan = TrainablePlan(spec, geometry, tensors, backbone.device)
+    plan = TrainablePlan(spec, geometry, tensors, backbone.device, cfg.seed)
     return Session(backbone, install_sites(backbone.model, geometry), plan)
 
 

@@ -7,6 +7,10 @@ from torch import nn
 
 from ..kernels import ACTIVATIONS
 from ..methods import AdapterSpec, Geometry, LoraSpec, MethodSpec
+from ..plan import PrefixRows, prefix_rule
+from .prefix_reparam import PrefixReparam
+
+PREFIX_BOTTLENECK = {"prefix": 512, "mam": 800}  # AdapterHub's PrefixTuningConfig and MAMConfig MLP widths
 
 
 class TrainablePlan:
@@ -15,14 +19,29 @@ class TrainablePlan:
     `params` holds the native file's tensors by their native names, as float32 leaves. `spec.dense`
     (`spec.low_rank` for LoRA) turns them into each site's weights on every call, as serving does on
     load, so the gradient reaches the stored form (PHM rule and factors, not a materialized matrix)
-    and nothing needs converting before `save`.
+    and nothing needs converting before `save`. Prefixes are the exception: they train through their
+    reparameterization MLP (`PrefixReparam`), and `snapshot` computes the native prefixes from it.
     """
 
     def __init__(
-        self, spec: MethodSpec, geometry: Geometry, tensors: dict[str, torch.Tensor], device: torch.device
+        self,
+        spec: MethodSpec,
+        geometry: Geometry,
+        tensors: dict[str, torch.Tensor],
+        device: torch.device,
+        seed: int = 0,
     ) -> None:
         self.spec = spec
-        self.params = {n: nn.Parameter(t.detach().to(device, torch.float32).clone()) for n, t in tensors.items()}
+        self.params = {
+            n: nn.Parameter(t.detach().to(device, torch.float32).clone())
+            for n, t in tensors.items()
+            if not n.startswith("prefix.")
+        }
+        self._prefixes: PrefixReparam | None = None
+        self._attention = geometry.all_sites()
+        if spec.prefix_convention() is not None:
+            gen = torch.Generator().manual_seed(seed)
+            self._prefixes = PrefixReparam(spec, geometry, PREFIX_BOTTLENECK[spec.method], gen, device)
         self._sites = _indexed(
             geometry.all_sites(), spec.active_sites(geometry) if isinstance(spec, AdapterSpec) else []
         )
@@ -56,15 +75,43 @@ class TrainablePlan:
         """The task's weight as [1, 1, d]: every row is the same task, so it broadcasts."""
         return self.params[self._norms[norm]].view(1, 1, -1)
 
-    def prefix_at(self, site: int, rows: int) -> None:
-        return None
+    def prefix_at(self, site: int, rows: int) -> PrefixRows | None:
+        """Every row's prefix at `site`, computed by the MLP on each call (so each pass's gradient reaches it)."""
+        reparam, convention = self._prefixes, self.spec.prefix_convention()
+        if reparam is None or convention is None:
+            return None
+        name = self._attention[site]
+        rule = prefix_rule(convention, name, reparam.sites.get(reparam.location_of(name), ()), reparam.length)
+        if not (rule.has or rule.zero_bias):
+            return None
+        keys = values = None
+        if rule.has:
+            k, v = reparam.site(name)
+            keys, values = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
+
+        def filled(value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.full((rows,), value, dtype=dtype, device=reparam.params_device)
+
+        return PrefixRows(
+            keys,
+            values,
+            filled(reparam.length if rule.has else 0),
+            filled(rule.real_shift),
+            filled(rule.prefix_shift),
+            filled(rule.zero_bias, torch.bool),
+        )
 
     def parameters(self) -> list[nn.Parameter]:
-        return list(self.params.values())
+        reparam = [] if self._prefixes is None else list(self._prefixes.params.values())
+        return list(self.params.values()) + reparam
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """Detached CPU copies, so keeping the best epoch survives later optimizer steps."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        """The native file's tensors as detached CPU copies, so keeping the best epoch survives later optimizer
+        steps (prefixes: the MLP's current output)."""
+        out = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        if self._prefixes is not None:
+            out.update(self._prefixes.finals())
+        return out
 
 
 def _indexed(order: list[str], names: list[str]) -> dict[int, str]:
