@@ -117,7 +117,7 @@ def test_parse_spec_names_bad_fields() -> None:
     with pytest.raises(InvalidSpec, match="activation"):
         parse_spec({**good, "activation": "tanh"})
     with pytest.raises(InvalidSpec, match="method"):
-        parse_spec({**good, "method": "prefix"})
+        parse_spec({**good, "method": "ia3"})
     with pytest.raises(InvalidSpec, match="bogus"):
         parse_spec({**good, "bogus": 1})
     with pytest.raises(InvalidSpec, match="sites"):
