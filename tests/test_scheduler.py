@@ -222,9 +222,12 @@ def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, 
     assert engine.registry._refs.total() == 0  # every lease, the refused one's included, was released
 
 
-def test_swap_and_delete_mid_generation_finish_on_the_running_version(engine: Engine, adapter_for) -> None:
-    v1 = adapter_for("swap", "houlsby", seed=1, std=0.6)
-    v2 = adapter_for("swap", "houlsby", seed=2, std=0.6)
+@pytest.mark.parametrize(("method", "overrides"), [("houlsby", {}), ("prefix", {"prefix_length": 5})])
+def test_swap_and_delete_mid_generation_finish_on_the_running_version(
+    engine: Engine, adapter_for, method: str, overrides: dict
+) -> None:
+    v1 = adapter_for("swap", method, seed=1, std=0.6, **overrides)
+    v2 = adapter_for("swap", method, seed=2, std=0.6, **overrides)
     engine.load(v1, version=1)
     p = GenerationParams(max_new_tokens=16, min_new_tokens=16)
     before = alone(engine, "swap", "text", p)

@@ -15,7 +15,7 @@ __all__ = ["AdapterInfo", "AdapterSpec", "PredictResult", "ScoreResult", "Stream
 class AdapterSpec(TypedDict, total=False):
     """An adapter's spec as the server reports it (`method` says which of the keys apply; see the README table)."""
 
-    method: Literal["compacter", "compacter++", "phm", "houlsby", "pfeiffer", "lora"]
+    method: Literal["compacter", "compacter++", "phm", "houlsby", "pfeiffer", "lora", "prefix", "mam"]
     leave_out: list[int]  # global layer indices: encoder 0..L-1, decoder L..
     layer_norms: bool  # the task carries its own T5 RMSNorm weights
     placement: Literal["houlsby", "pfeiffer", "parallel"]
@@ -30,6 +30,12 @@ class AdapterSpec(TypedDict, total=False):
     alpha: float  # LoRA
     targets: list[str]
     rslora: bool
+    prefix_length: int  # prefix and MAM
+    locations: list[Literal["encoder", "decoder", "cross"]]  # prefix: the attentions with a prefix
+    positions: Literal["adapterhub", "peft"]  # prefix: how prefix positions count
+    prefix_locations: list[Literal["encoder", "decoder", "cross"]]  # MAM's prefix
+    prefix_positions: Literal["adapterhub", "peft"]
+    prefix_leave_out: list[int]
 
 
 def _mapping(obj: Any) -> dict[str, Any]:

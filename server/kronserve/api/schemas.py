@@ -117,7 +117,7 @@ class Residency(BaseModel):
 class AdapterInfo(BaseModel):
     task: str = Field(description="task id")
     version: int = Field(description="counts up from 1 per task; a task deleted and made anew starts at 1 again")
-    method: str = Field(description="compacter, compacter++, phm, houlsby, pfeiffer or lora")
+    method: str = Field(description="compacter, compacter++, phm, houlsby, pfeiffer, lora, prefix or mam")
     params: int = Field(description="trainable parameters of the adapter")
     sha256: str = Field(description="hash of the stored native file: with `version`, the version's identity")
     spec: dict[str, Any] = Field(description="the adapter's full spec (method options, see the README)")
