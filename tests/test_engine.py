@@ -28,6 +28,15 @@ METHODS = [
     ("prefix", {"prefix_length": 7, "leave_out": (0, 3)}),
     ("mam", {"prefix_length": 4, "reduction_factor": 8}),
 ]
+
+
+def std_of(method: str) -> float:
+    """Weight scale of the random test adapters. A random prefix needs large keys and values to move the random
+    tiny T5's greedy output at all (bare, it emits token 0 at every step), so prefix rows are tested on real
+    differences, not on zeros that every task shares."""
+    return 8.0 if method == "prefix" else 0.3
+
+
 INPUTS = ["summarize: the cat sat on the mat", "hi", "translate English to German: good morning", "x" * 40]
 
 
@@ -35,7 +44,7 @@ INPUTS = ["summarize: the cat sat on the mat", "hi", "translate English to Germa
 def mixed(engine: Engine, adapter_for) -> tuple[list[str | None], list[str]]:
     tasks: list[str | None] = []
     for i, (method, overrides) in enumerate(METHODS):
-        engine.load(adapter_for(f"task{i}", method, seed=i, std=0.3, **overrides))
+        engine.load(adapter_for(f"task{i}", method, seed=i, std=std_of(method), **overrides))
         tasks.append(f"task{i}")
     rows = [(t, INPUTS[j % len(INPUTS)]) for j, t in enumerate(tasks + tasks[:3] + [None, None, None])]
     random.Random(0).shuffle(rows)

@@ -11,7 +11,7 @@ from kronserve.engine import Engine
 from kronserve.messages import GenerationParams
 
 from .conftest import held_slots
-from .test_engine import INPUTS, METHODS
+from .test_engine import INPUTS, METHODS, std_of
 
 LENGTHS = [12, 5, 9, 7, 3, 10, 4]
 # Prefixes of lengths 3, 5 (PEFT's positions), 7 (with leave_out layers) and MAM's 4 beside Compacter and LoRA rows.
@@ -24,7 +24,7 @@ def test_every_rows_logits_equal_its_own_forward_as_rows_join_and_leave(
 ) -> None:
     slots = []
     for i, (method, overrides) in enumerate([*methods, METHODS[0]]):
-        engine.load(adapter_for(f"r{i}", method, seed=i, std=0.3, **overrides))
+        engine.load(adapter_for(f"r{i}", method, seed=i, std=std_of(method), **overrides))
         slots += held_slots(engine, [f"r{i}"])
     slots[-1] = -1  # and a bare row
     ids = engine.tokenize([INPUTS[i % len(INPUTS)] + f" {i}" for i in range(len(LENGTHS))])

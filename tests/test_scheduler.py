@@ -18,7 +18,7 @@ from kronserve.messages import GenerationParams
 from kronserve.metrics import Metrics
 from kronserve.scheduler import Scheduler
 
-from .test_engine import INPUTS, METHODS
+from .test_engine import INPUTS, METHODS, std_of
 
 
 def make(engine: Engine, queue_size: int = 64, timeout_s: float = 30, **bounds) -> Scheduler:
@@ -58,7 +58,7 @@ def step_gate(engine: Engine, at: int) -> tuple[threading.Event, threading.Event
 def tasks(engine: Engine, adapter_for) -> list[str]:
     names = []
     for i, (method, overrides) in enumerate(METHODS):
-        engine.load(adapter_for(f"m{i}", method, seed=i, std=0.3, **overrides))
+        engine.load(adapter_for(f"m{i}", method, seed=i, std=std_of(method), **overrides))
         names.append(f"m{i}")
     return names
 
@@ -226,8 +226,9 @@ def test_full_queue_is_refused_fast_and_accepted_work_completes(engine: Engine, 
 def test_swap_and_delete_mid_generation_finish_on_the_running_version(
     engine: Engine, adapter_for, method: str, overrides: dict
 ) -> None:
-    v1 = adapter_for("swap", method, seed=1, std=0.6, **overrides)
-    v2 = adapter_for("swap", method, seed=2, std=0.6, **overrides)
+    std = max(0.6, std_of(method))
+    v1 = adapter_for("swap", method, seed=1, std=std, **overrides)
+    v2 = adapter_for("swap", method, seed=2, std=std, **overrides)
     engine.load(v1, version=1)
     p = GenerationParams(max_new_tokens=16, min_new_tokens=16)
     before = alone(engine, "swap", "text", p)
