@@ -59,3 +59,18 @@ def test_a_prefix_task_costs_its_own_bytes_on_the_device(engine: Engine, adapter
     if method == "mam":
         expected += sum(t.numel() for n, t in adapter.tensors.items() if not n.startswith("prefix.")) * 4
     assert engine.device.used_bytes == expected == packed_bytes(adapter.spec, g, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engines_track_float32_with_prefix_rows(tiny_dir, adapter_for, dtype: str) -> None:
+    from kronserve.backbone import load_backbone
+
+    engines = [Engine(load_backbone(str(tiny_dir), device="cpu", dtype=d)) for d in ("float32", dtype)]
+    adapters = [adapter_for("p", "prefix", prefix_length=5, std=1.0), adapter_for("m", "mam", prefix_length=3)]
+    scores = []
+    for engine in engines:
+        for a in adapters:
+            engine.load(a)
+        scores.append(engine.score(["p", "m", None], ["hello"] * 3, ["world"] * 3).scores)
+    assert scores[1] == pytest.approx(scores[0], rel=0.05)
+    assert len({round(s, 2) for s in scores[0]}) == 3
