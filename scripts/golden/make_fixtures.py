@@ -39,11 +39,14 @@ from adapters import (
     CompacterConfig,
     CompacterPlusPlusConfig,
     DoubleSeqBnConfig,
+    MAMConfig,
     ParBnConfig,
+    PrefixTuningConfig,
     SeqBnConfig,
     T5AdapterModel,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PrefixTuningConfig as PeftPrefixTuningConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
@@ -163,6 +166,55 @@ PEFT_FIXTURES = [
         ),
         202,
         NOISE_STD,
+    ),
+]
+
+# Prefix tuning and MAM (issue 17). Prefixes go through an MLP (tanh): their perturbation is larger, so that
+# they move the scores; MAM's 800-wide MLP and its parallel adapter need less.
+ADAPTERHUB_PREFIX_FIXTURES = [
+    ("prefix", lambda: PrefixTuningConfig(prefix_length=5, bottleneck_size=64), False, 121, 0.5),
+    (
+        "prefix_self_only",
+        lambda: PrefixTuningConfig(prefix_length=3, bottleneck_size=32, encoder_prefix=False, cross_prefix=False),
+        False,  # AdapterHub 1.3.0 cannot save a prefix as safetensors: its pool is saved under every layer (shared)
+        122,
+        0.5,
+    ),
+    # Encoder layer 0 and decoder layer 1 left out: AdapterHub's stack-wide position bias then goes to zero in
+    # encoder layer 1 (prefixed, unlike layer 0) and decoder layer 1 (not prefixed, unlike layer 0).
+    (
+        "prefix_leave_out",
+        lambda: PrefixTuningConfig(prefix_length=7, bottleneck_size=32, leave_out=[0, 3]),
+        False,
+        123,
+        0.5,
+    ),
+    ("prefix_flat", lambda: PrefixTuningConfig(prefix_length=4, flat=True), False, 124, 0.5),
+    ("mam", lambda: MAMConfig(), False, 125, 0.1),
+]
+PEFT_PREFIX_FIXTURES = [
+    # The golden backbone's attention is 2 heads x d_kv 32 = 64 wide, not d_model (128): PEFT sizes the prefix by
+    # token_dim, which must then be given.
+    (
+        "peft_prefix",
+        lambda: PeftPrefixTuningConfig(
+            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5, token_dim=64, num_attention_heads=2
+        ),
+        131,
+        0.5,
+    ),
+    (
+        "peft_prefix_projection",
+        lambda: PeftPrefixTuningConfig(
+            task_type="SEQ_2_SEQ_LM",
+            num_virtual_tokens=6,
+            token_dim=64,
+            num_attention_heads=2,
+            prefix_projection=True,
+            encoder_hidden_size=32,
+        ),
+        132,
+        0.5,
     ),
 ]
 
@@ -307,7 +359,7 @@ def adapterhub_params(model, name: str) -> list:
     return [
         (n, p)
         for n, p in model.named_parameters()
-        if f".adapters.{name}." in f".{n}" or f"shared_parameters.{name}." in n
+        if f".adapters.{name}." in f".{n}" or f"shared_parameters.{name}." in n or f".prefix_tunings.{name}." in f".{n}"
     ]
 
 
@@ -344,10 +396,15 @@ def head_info(d: Path, model) -> dict:
         else torch.load(str(wf[0]), map_location="cpu", weights_only=True)
     )
     shared = model.get_input_embeddings().weight.detach()
-    equal = set(sd) == {"lm_head.weight"} and torch.equal(sd["lm_head.weight"], shared)
+    # A prefix's pool is not part of the base model, so the head save carries a copy of it too.
+    pool = {k for k in sd if k.startswith("prefix_tuning.prefix_tunings.")}
+    equal = set(sd) - pool == {"lm_head.weight"} and torch.equal(sd["lm_head.weight"], shared)
     if not equal:
         raise SystemExit(f"{d.name}: head file is not just the tied lm_head")
-    return {"head_files": files, "head_keys": keys, "head_is_backbone_shared_embedding": True}
+    info = {"head_files": files, "head_keys": keys, "head_is_backbone_shared_embedding": True}
+    if pool:
+        info["head_also_holds_prefix_pool_keys"] = sorted(pool)
+    return info
 
 
 def read_json(p: Path):
@@ -386,14 +443,21 @@ def adapterhub_fixture(
     wfile = d / (ADAPTERHUB_SAFE_WEIGHTS if use_safetensors else ADAPTERHUB_WEIGHTS)
     saved = tensor_keys(wfile)
 
-    # Every perturbed parameter except the shared ones must have been saved by the library.
-    missing_non_shared = [n for n in perturbed if n not in saved and not n.startswith("shared_parameters.")]
+    # Every perturbed parameter except the shared ones must have been saved by the library (a prefix's pool is
+    # saved under every layer that reaches it: any path will do).
+    missing_non_shared = [
+        n
+        for n in perturbed
+        if n not in saved
+        and not n.startswith("shared_parameters.")
+        and not any(k.endswith(n.split("prefix_tuning.", 1)[-1]) for k in saved if ".prefix_tunings." in n)
+    ]
     if missing_non_shared:
         raise SystemExit(f"{name}: library did not save {missing_non_shared}")
 
     provenance = f"AdapterHub adapters {adapters.__version__} save_adapter() from a plain T5ForConditionalGeneration"
     rule_note = None
-    is_phm = bool(cfg["phm_layer"])
+    is_phm = bool(getattr(cfg, "phm_layer", False))
     if is_phm and cfg["shared_phm_rule"]:
         shared = shared_state(model, name)
         absent = {k: v for k, v in shared.items() if k not in saved}
@@ -587,6 +651,139 @@ def peft_fixture(out: Path, tok, name: str, cfg_factory, seed: int, std: float, 
     }
 
 
+def adapterhub_ejected_prefix(out: Path, tok, entries: dict, prefix_model):
+    """The `prefix` fixture's model after `eject_prefix_tuning`: the MLP replaced by its output (a flat
+    `control_trans`), saved as `prefix_ejected`; its numbers must be the `prefix` fixture's."""
+    name, d = "prefix", out / "prefix_ejected"
+    log("[adapterhub] prefix_ejected")
+    eject_prefix(prefix_model, name)
+    prefix_model.eval()
+    cases = score_cases(prefix_model, tok)
+    assert_same_cases(entries[name]["cases"], cases, "prefix_ejected vs prefix")
+    prefix_model.save_adapter(str(d), name)
+    # The save keeps `"flat": false` in adapter_config.json beside the flat weights, so the library's own
+    # load_adapter rebuilds an MLP and drops them: the reload is checked from a copy that says `"flat": true`.
+    assert read_json(d / "adapter_config.json")["config"]["flat"] is False
+    fixed = out / "_prefix_ejected_flat_true"
+    shutil.copytree(d, fixed)
+    cfg = read_json(fixed / "adapter_config.json")
+    cfg["config"]["flat"] = True
+    (fixed / "adapter_config.json").write_text(json.dumps(cfg))
+    m2 = load_backbone()
+    adapters.init(m2)
+    m2.load_adapter(str(fixed), set_active=True)
+    m2.eval()
+    shutil.rmtree(fixed)
+    assert_same_cases(cases, score_cases(m2, tok), "prefix_ejected library reload (flat: true)")
+    f64 = add_float64_reference(m2, tok, cases, "prefix_ejected")
+    wfile = d / ADAPTERHUB_WEIGHTS
+    entries["prefix_ejected"] = {
+        "dir": "prefix_ejected",
+        "format": "adapterhub",
+        "adapterhub_config_class": "PrefixTuningConfig",
+        "noise": entries[name]["noise"],
+        "weights_file": wfile.name,
+        "provenance": f"the 'prefix' fixture's model after ejection (adapters {adapters.__version__}'s own "
+        "eject_prefix_tuning fails on this backbone, d_model != heads x d_kv; make_fixtures.eject_prefix does "
+        "what PrefixTuningGroup.eject does), then save_adapter(); the save says flat: false beside flat weights "
+        "(the library's own reload then drops them): read by key shapes",
+        "library_config": read_json(d / "adapter_config.json"),
+        "keys": tensor_keys(wfile),
+        "dtypes": tensor_dtypes(wfile),
+        **head_info(d, prefix_model),
+        "float32_vs_float64_max_abs": f64,
+        "cases": cases,
+    }
+
+
+def eject_prefix(model, name: str) -> None:
+    """`model.eject_prefix_tuning(name)`, done by hand where adapters 1.3.0's own fails: `PrefixTuning.eject` views its
+    output with the hidden size (d_model), which only fits when d_model = heads x d_kv (t5-small, t5-base; not this
+    backbone, 128 vs 2 x 32). The replacement is what `PrefixTuningGroup.eject` does: each location's module becomes a
+    FlatPrefixTuning whose `control_trans` is the MLP's output, flattened."""
+    from adapters.methods.prefix_tuning import FlatPrefixTuning, PrefixTuning
+
+    for group in (m.prefix_tunings[name] for m in model.modules() if hasattr(m, "prefix_tunings")):
+        for location, module in list(group.items()):
+            if not isinstance(module, PrefixTuning):
+                continue
+            with torch.no_grad():
+                tokens = torch.arange(module.config.prefix_length).unsqueeze(0)
+                weights = module.control_trans(module.wte(tokens)).reshape(-1)
+            flat = FlatPrefixTuning(
+                module.n_layers, module.n_heads, module.input_size, module.config.replace(flat=True),
+                module.n_embd_per_head,
+            )  # fmt: skip
+            flat.control_trans = torch.nn.Parameter(weights)
+            group[location] = flat
+
+
+def manual_greedy(model, enc) -> list:
+    """Greedy ids by re-running the teacher-forced forward on the whole decoder prefix at every step (no cache):
+    PEFT's own generate ignores or mis-masks a T5 prefix, its forward does not."""
+    ids = [0]
+    for _ in range(MAX_NEW_TOKENS):
+        logits = model(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, decoder_input_ids=torch.tensor([ids])
+        ).logits
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == 1:
+            break
+    return ids
+
+
+def peft_prefix_cases(model, tok) -> list:
+    cases = []
+    for src, tgt in CASES:
+        enc = tok(src, return_tensors="pt")
+        labels = tok(tgt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
+            tok_lp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[0]
+            ids = manual_greedy(model, enc)
+        cases.append(
+            {
+                "input": src,
+                "target": tgt,
+                "input_ids": [int(i) for i in enc.input_ids[0]],
+                "target_ids": [int(i) for i in labels[0]],
+                "loglik": float(tok_lp.sum()),
+                "token_logprobs": [float(x) for x in tok_lp],
+                "greedy_ids": ids,
+                "greedy_text": tok.decode(ids, skip_special_tokens=True),
+            }
+        )
+    return cases
+
+
+def peft_prefix_fixture(out: Path, tok, name: str, cfg_factory, seed: int, std: float, entries: dict):
+    log(f"[peft] {name}")
+    torch.manual_seed(seed)  # the prompt encoder's init draws from the global RNG
+    pm = get_peft_model(load_backbone(), cfg_factory())
+    pm.eval()
+    perturb([(n, p) for n, p in pm.named_parameters() if "prompt_encoder" in n], seed, std)
+    cases = peft_prefix_cases(pm, tok)
+    d = out / name
+    pm.save_pretrained(str(d))
+    wfile = d / "adapter_model.safetensors"
+    pm2 = PeftModel.from_pretrained(load_backbone(), str(d)).eval()
+    assert_same_cases(cases, peft_prefix_cases(pm2, tok), f"{name} PEFT reload")
+    f64 = add_float64_reference(pm2, tok, cases, name)
+    entries[name] = {
+        "dir": name,
+        "format": "peft",
+        "noise": {"seed": seed, "std": std, "on": "every prompt_encoder parameter"},
+        "float32_vs_float64_max_abs": f64,
+        "weights_file": wfile.name,
+        "provenance": f"PEFT {peft.__version__} PeftModel.save_pretrained()",
+        "greedy": "manual greedy loop over PEFT's teacher-forced forward (no cache); PEFT's generate is not used",
+        "library_config": read_json(d / "adapter_config.json"),
+        "keys": tensor_keys(wfile),
+        "dtypes": tensor_dtypes(wfile),
+        "cases": cases,
+    }
+
+
 def main():
     # PEFT keeps target_modules in a set: pin the hash seed so adapter_config.json is byte-reproducible.
     if os.environ.get("PYTHONHASHSEED") != "0":
@@ -639,6 +836,14 @@ def main():
     adapterhub_post_add_fails(out, entries)
     for name, factory, seed, std in PEFT_FIXTURES:
         peft_fixture(out, tok, name, factory, seed, std, entries)
+    prefix_model = None
+    for name, factory, safe, seed, std in ADAPTERHUB_PREFIX_FIXTURES:
+        m = adapterhub_fixture(out, tok, name, factory, safe, seed, entries, std)
+        if name == "prefix":
+            prefix_model = m
+    adapterhub_ejected_prefix(out, tok, entries, prefix_model)
+    for name, factory, seed, std in PEFT_PREFIX_FIXTURES:
+        peft_prefix_fixture(out, tok, name, factory, seed, std, entries)
 
     # Every adapter must clearly move the numbers away from the bare backbone.
     for name, e in entries.items():

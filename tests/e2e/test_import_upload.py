@@ -26,7 +26,10 @@ def golden_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s.stop()
 
 
-@pytest.mark.parametrize("name", ["compacter", "compacter_variant", "seq_bn", "par_bn", "lora_variant"])
+@pytest.mark.parametrize(
+    "name",
+    ["compacter", "compacter_variant", "seq_bn", "par_bn", "lora_variant", "prefix_leave_out", "mam", "peft_prefix"],
+)
 def test_uploaded_directory_scores_like_the_library(golden_server: Server, name: str) -> None:
     task = name.replace("_", "-")
     r = httpx.put(f"{golden_server.url}/v1/adapters/{task}", files=dir_parts(name), timeout=30)
@@ -44,14 +47,15 @@ def test_uploaded_directory_scores_like_the_library(golden_server: Server, name:
 def test_missing_rule_and_unsupported_option_are_refused(golden_server: Server) -> None:
     r = httpx.put(f"{golden_server.url}/v1/adapters/broken", files=dir_parts("compacter_missing_rule"), timeout=30)
     assert r.status_code == 422 and "phm rule is missing" in r.json()["error"]["message"]
-    parts = dir_parts("seq_bn")
-    cfg = json.loads((GOLDEN / "seq_bn" / "adapter_config.json").read_text())
-    cfg["config"]["use_gating"] = True
-    parts = [p for p in parts if p[1][0] != "adapter_config.json"] + [
-        ("file", ("adapter_config.json", json.dumps(cfg).encode()))
-    ]
-    r = httpx.put(f"{golden_server.url}/v1/adapters/gated", files=parts, timeout=30)
-    assert r.status_code == 422 and "use_gating" in r.json()["error"]["message"]
+    for name in ("seq_bn", "prefix"):  # a gated bottleneck; UniPELT's gated prefix
+        parts = dir_parts(name)
+        cfg = json.loads((GOLDEN / name / "adapter_config.json").read_text())
+        cfg["config"]["use_gating"] = True
+        parts = [p for p in parts if p[1][0] != "adapter_config.json"] + [
+            ("file", ("adapter_config.json", json.dumps(cfg).encode()))
+        ]
+        r = httpx.put(f"{golden_server.url}/v1/adapters/gated", files=parts, timeout=30)
+        assert r.status_code == 422 and "use_gating" in r.json()["error"]["message"]
     assert httpx.get(f"{golden_server.url}/v1/adapters/broken").status_code == 404
     assert not (golden_server.store / "broken").exists() and not (golden_server.store / "gated").exists()
 
