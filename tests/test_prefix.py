@@ -74,3 +74,30 @@ def test_half_precision_engines_track_float32_with_prefix_rows(tiny_dir, adapter
         scores.append(engine.score(["p", "m", None], ["hello"] * 3, ["world"] * 3).scores)
     assert scores[1] == pytest.approx(scores[0], rel=0.05)
     assert len({round(s, 2) for s in scores[0]}) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefix_rows_mixed_with_adapter_rows_on_cuda_equal_the_cpu_engine(tiny_dir, adapter_for, dtype: str) -> None:
+    from kronserve.backbone import load_backbone
+
+    from .test_engine import METHODS, std_of
+
+    chosen = [METHODS[i] for i in (11, 12, 13, 14, 0, 9)]  # prefixes 3, 5 (PEFT), 7 (leave_out), MAM; Compacter, LoRA
+    cpu = Engine(load_backbone(str(tiny_dir), device="cpu"))
+    gpu = Engine(load_backbone(str(tiny_dir), device="cuda", dtype=dtype))
+    tasks: list[str | None] = [None]
+    for i, (method, overrides) in enumerate(chosen):
+        adapter = adapter_for(f"t{i}", method, seed=i, std=std_of(method), **overrides)
+        cpu.load(adapter)
+        gpu.load(adapter)
+        tasks.append(f"t{i}")
+    inputs = [f"input number {i}" for i in range(len(tasks))]
+    targets = [f"target {i}" for i in range(len(tasks))]
+    expect = cpu.score(tasks, inputs, targets).scores
+    got = gpu.score(tasks, inputs, targets).scores
+    tolerance = {"abs": 1e-3} if dtype == "float32" else {"rel": 0.05}
+    assert got == pytest.approx(expect, **tolerance)
+    if dtype == "float32":
+        ids = gpu.generate(tasks, inputs, max_new_tokens=6, num_beams=2).token_ids
+        assert ids == cpu.generate(tasks, inputs, max_new_tokens=6, num_beams=2).token_ids
