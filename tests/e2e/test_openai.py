@@ -79,18 +79,26 @@ def test_completion_equals_predict_and_names_its_version(client: openai.OpenAI, 
 
 
 def test_completion_stream_arrives_as_decoded_and_adds_up(client: openai.OpenAI, chatty: Server) -> None:
+    """Chunks arrive while the generation runs, not in one burst at its end. The whole generation takes ~0.5 s on
+    the tiny model, so a busy 2-core CI box can starve the reading client for all of it once: the stream must
+    arrive incrementally in one of three tries (a server that buffered its stream fails all three)."""
     want = predict(chatty.url, ["hello world"], 64, min_new_tokens=64).json()["outputs"][0]
-    started = time.monotonic()
-    arrivals, text, finish = [], "", None
-    for chunk in client.completions.create(
-        model=TASK, prompt="hello world", temperature=0, max_tokens=64, stream=True, extra_body={"min_tokens": 64}
-    ):
-        arrivals.append(time.monotonic())
-        text += chunk.choices[0].text
-        finish = chunk.choices[0].finish_reason or finish
-    assert text == want and finish == "length"
-    total = arrivals[-1] - started
-    assert len(arrivals) > 8 and arrivals[0] - started < total / 2, (arrivals[0] - started, total)
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        arrivals, text, finish = [], "", None
+        for chunk in client.completions.create(
+            model=TASK, prompt="hello world", temperature=0, max_tokens=64, stream=True, extra_body={"min_tokens": 64}
+        ):
+            arrivals.append(time.monotonic())
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        assert text == want and finish == "length"
+        total = arrivals[-1] - started
+        timings.append((len(arrivals), arrivals[0] - started, total))
+        if len(arrivals) > 8 and arrivals[0] - started < total / 2:
+            return
+    raise AssertionError(f"every stream arrived in one burst at its end: (chunks, first, total) = {timings}")
 
 
 def test_chat_completion_whole_and_streamed(client: openai.OpenAI, chatty: Server) -> None:
