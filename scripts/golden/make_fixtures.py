@@ -622,28 +622,42 @@ def adapterhub_post_add_fails(out: Path, entries: dict):
     }
 
 
-def peft_fixture(out: Path, tok, name: str, cfg_factory, seed: int, std: float, entries: dict):
+def peft_fixture(
+    out: Path,
+    tok,
+    name: str,
+    cfg_factory,
+    seed: int,
+    std: float,
+    entries: dict,
+    trained: str = "lora_",
+    scorer=score_cases,
+    notes: dict | None = None,
+):
+    """A PEFT adapter: the parameters whose names hold `trained` perturbed, scored by `scorer`, saved, reloaded."""
     log(f"[peft] {name}")
     base = load_backbone()
-    torch.manual_seed(seed)  # PEFT's lora_A init draws from the global RNG
+    torch.manual_seed(seed)  # PEFT's init (lora_A, the prompt encoder) draws from the global RNG
     pm = get_peft_model(base, cfg_factory())
     pm.eval()
-    perturb([(n, p) for n, p in pm.named_parameters() if "lora_" in n], seed, std)
-    cases = score_cases(pm, tok)
+    perturb([(n, p) for n, p in pm.named_parameters() if trained in n], seed, std)
+    cases = scorer(pm, tok)
     d = out / name
     pm.save_pretrained(str(d))
     wfile = d / "adapter_model.safetensors"
     # Round trip through PEFT.
     pm2 = PeftModel.from_pretrained(load_backbone(), str(d)).eval()
-    assert_same_cases(cases, score_cases(pm2, tok), f"{name} PEFT reload")
+    assert_same_cases(cases, scorer(pm2, tok), f"{name} PEFT reload")
     f64 = add_float64_reference(pm2, tok, cases, name)
+    notes = notes or {"on": "lora_A (after PEFT's kaiming init) and lora_B (zero-init)"}
     entries[name] = {
         "dir": name,
         "format": "peft",
-        "noise": {"seed": seed, "std": std, "on": "lora_A (after PEFT's kaiming init) and lora_B (zero-init)"},
+        "noise": {"seed": seed, "std": std, "on": notes["on"]},
         "float32_vs_float64_max_abs": f64,
         "weights_file": wfile.name,
         "provenance": f"PEFT {peft.__version__} PeftModel.save_pretrained()",
+        **{k: v for k, v in notes.items() if k != "on"},
         "library_config": read_json(d / "adapter_config.json"),
         "keys": tensor_keys(wfile),
         "dtypes": tensor_dtypes(wfile),
@@ -756,34 +770,6 @@ def peft_prefix_cases(model, tok) -> list:
     return cases
 
 
-def peft_prefix_fixture(out: Path, tok, name: str, cfg_factory, seed: int, std: float, entries: dict):
-    log(f"[peft] {name}")
-    torch.manual_seed(seed)  # the prompt encoder's init draws from the global RNG
-    pm = get_peft_model(load_backbone(), cfg_factory())
-    pm.eval()
-    perturb([(n, p) for n, p in pm.named_parameters() if "prompt_encoder" in n], seed, std)
-    cases = peft_prefix_cases(pm, tok)
-    d = out / name
-    pm.save_pretrained(str(d))
-    wfile = d / "adapter_model.safetensors"
-    pm2 = PeftModel.from_pretrained(load_backbone(), str(d)).eval()
-    assert_same_cases(cases, peft_prefix_cases(pm2, tok), f"{name} PEFT reload")
-    f64 = add_float64_reference(pm2, tok, cases, name)
-    entries[name] = {
-        "dir": name,
-        "format": "peft",
-        "noise": {"seed": seed, "std": std, "on": "every prompt_encoder parameter"},
-        "float32_vs_float64_max_abs": f64,
-        "weights_file": wfile.name,
-        "provenance": f"PEFT {peft.__version__} PeftModel.save_pretrained()",
-        "greedy": "manual greedy loop over PEFT's teacher-forced forward (no cache); PEFT's generate is not used",
-        "library_config": read_json(d / "adapter_config.json"),
-        "keys": tensor_keys(wfile),
-        "dtypes": tensor_dtypes(wfile),
-        "cases": cases,
-    }
-
-
 def main():
     # PEFT keeps target_modules in a set: pin the hash seed so adapter_config.json is byte-reproducible.
     if os.environ.get("PYTHONHASHSEED") != "0":
@@ -842,8 +828,12 @@ def main():
         if name == "prefix":
             prefix_model = m
     adapterhub_ejected_prefix(out, tok, entries, prefix_model)
+    prefix_notes = {
+        "on": "every prompt_encoder parameter",
+        "greedy": "manual greedy loop over PEFT's teacher-forced forward (no cache); PEFT's generate is not used",
+    }
     for name, factory, seed, std in PEFT_PREFIX_FIXTURES:
-        peft_prefix_fixture(out, tok, name, factory, seed, std, entries)
+        peft_fixture(out, tok, name, factory, seed, std, entries, "prompt_encoder", peft_prefix_cases, prefix_notes)
 
     # Every adapter must clearly move the numbers away from the bare backbone.
     for name, e in entries.items():
