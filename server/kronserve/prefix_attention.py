@@ -132,16 +132,26 @@ def _visible(mask: torch.Tensor | None, causal: bool, q: int, t: int, device: to
 
 
 def _bias(site: AttentionSite, rows: PrefixRows, real: torch.Tensor, q: int, t: int, length: int) -> torch.Tensor:
-    """Each row's relative-position bias over [prefix ; keys], [R, H, q, P + T] (cross-attention: none)."""
+    """Each row's relative-position bias over [prefix ; keys], [R, H, q, P + T] (cross-attention: none).
+
+    A row's bias depends only on its shifts, its left padding and whether it has one at all: for a pass of many
+    queries (an admission, a score) it is computed once per distinct kind of row and handed to each row by index,
+    which keeps the [R, q, P + T] intermediates of a long input to a few kinds' worth."""
     owner = site.bias
-    n, device = real.shape[0], real.device
+    device = real.device
     if owner is None:
         return torch.zeros(1, 1, 1, 1, device=device)
-    queries = torch.arange(t - q, t, device=device)  # the queries are the last q of the T keys
     first = real[:, 0, -1, :].long().argmax(-1)  # a left-padded row's first own key (its position 0)
-    real_rel = torch.arange(t, device=device)[None, None, :] - queries[None, :, None] + rows.real_shift[:, None, None]
+    kinds = torch.stack([rows.real_shift, rows.prefix_shift, first, rows.zero_bias.long()], dim=1)
+    which = None
+    if q > 1:  # a decode step's query is one token: its per-row bias is small, and unique would cost more
+        kinds, which = torch.unique(kinds, dim=0, return_inverse=True)
+    real_shift, prefix_shift, first, zero = kinds.unbind(1)
+    n = kinds.shape[0]
+    queries = torch.arange(t - q, t, device=device)  # the queries are the last q of the T keys
+    real_rel = torch.arange(t, device=device)[None, None, :] - queries[None, :, None] + real_shift[:, None, None]
     at = queries[None, :] - first[:, None]  # each query's position within its own row
-    prefix_rel = torch.arange(length, device=device)[None, None, :] - rows.prefix_shift[:, None, None] - at[:, :, None]
+    prefix_rel = torch.arange(length, device=device)[None, None, :] - prefix_shift[:, None, None] - at[:, :, None]
     relative = torch.cat([prefix_rel.expand(n, q, length), real_rel.expand(n, q, t)], dim=-1)
     bucket = owner._relative_position_bucket(
         relative,
@@ -149,5 +159,6 @@ def _bias(site: AttentionSite, rows: PrefixRows, real: torch.Tensor, q: int, t: 
         num_buckets=owner.relative_attention_num_buckets,
         max_distance=owner.relative_attention_max_distance,
     )
-    bias = owner.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [R, H, q, P + T]
-    return bias.masked_fill(rows.zero_bias[:, None, None, None], 0.0)
+    bias = owner.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [kinds, H, q, P + T]
+    bias = bias.masked_fill(zero.bool()[:, None, None, None], 0.0)
+    return bias if which is None or n == 1 else bias[which]
