@@ -139,16 +139,18 @@ def test_beam_search_in_the_loop_equals_hf_beam_search_alone(engine: Engine, tas
         s.start()
         greedy = asyncio.ensure_future(ask(s, tasks[1], ["greedy neighbour"], GenerationParams(max_new_tokens=10)))
         await asyncio.to_thread(reached.wait, 20)
-        found = [asyncio.ensure_future(ask(s, tasks[i], INPUTS[:2], p)) for i, p in ((0, beams[0]), (9, beams[1]))]
+        found = [asyncio.ensure_future(ask(s, tasks[i], INPUTS[:2], p)) for i, p in searched]
         await asyncio.sleep(0.05)
         release.set()
         out = await asyncio.gather(*found, greedy)
         await s.drain_and_stop()
         return out
 
-    b0, b1, greedy = asyncio.run(run())
-    assert b0 == [alone(engine, tasks[0], x, beams[0]) for x in INPUTS[:2]]
-    assert b1 == [alone(engine, tasks[9], x, beams[1]) for x in INPUTS[:2]]
+    # Compacter, LoRA, a prefix (P 3) and MAM: each request's beams share its adapter or prefix.
+    searched = ((0, beams[0]), (9, beams[1]), (11, beams[0]), (14, beams[1]))
+    *found, greedy = asyncio.run(run())
+    for (i, p), got in zip(searched, found, strict=True):
+        assert got == [alone(engine, tasks[i], x, p) for x in INPUTS[:2]], tasks[i]
     assert greedy == [alone(engine, tasks[1], "greedy neighbour", GenerationParams(max_new_tokens=10))]
 
 
