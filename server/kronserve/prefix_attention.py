@@ -100,18 +100,43 @@ def _prefixed(
     n, heads, q, d_kv = query.shape
     t = key.shape[2]
     length = 0 if rows.keys is None else rows.keys.shape[1]
-    if length:
-        key = torch.cat([_heads(rows.keys, heads, d_kv).to(key.dtype), key], dim=2)
-        value = torch.cat([_heads(rows.values, heads, d_kv).to(value.dtype), value], dim=2)
     real = _visible(attention_mask, module.is_causal and q > 1, q, t, query.device).expand(n, 1, q, t)
     own = torch.arange(length, device=query.device) < rows.lengths[:, None]  # [R, P]
     visible = torch.cat([own[:, None, None, :].expand(n, 1, q, length), real], dim=-1)
     bias = _bias(site, rows, real, q, t, length).to(query.dtype)
     mask = torch.where(visible, bias, torch.finfo(query.dtype).min)
+    if length and q == 1 and not module.training:
+        return _two_part(query, key, value, rows, mask, scaling), None
+    if length:
+        key = torch.cat([_heads(rows.keys, heads, d_kv).to(key.dtype), key], dim=2)
+        value = torch.cat([_heads(rows.values, heads, d_kv).to(value.dtype), value], dim=2)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _two_part(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: PrefixRows,
+    mask: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A decode step's attention without copying the cache: scores over the prefix and over the cached keys are
+    joined (one query: small), and the output is the two weighted sums added. Same arithmetic as attending to the
+    concatenated keys."""
+    assert rows.keys is not None and rows.values is not None
+    heads, d_kv = query.shape[1], query.shape[3]
+    length = rows.keys.shape[1]
+    prefix_k = _heads(rows.keys, heads, d_kv).to(key.dtype)
+    prefix_v = _heads(rows.values, heads, d_kv).to(value.dtype)
+    scale = d_kv**-0.5 if scaling is None else scaling
+    scores = torch.cat([query @ prefix_k.transpose(-1, -2), query @ key.transpose(-1, -2)], dim=-1) * scale + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = weights[..., :length] @ prefix_v + weights[..., length:] @ value  # [R, H, 1, d_kv]
+    return out.transpose(1, 2).contiguous()
 
 
 def _heads(prefix: torch.Tensor, heads: int, d_kv: int) -> torch.Tensor:
