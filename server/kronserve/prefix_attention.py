@@ -8,7 +8,8 @@ exactly as before; where it does, it puts each row's prefix before its keys (aft
 hold real tokens only and a prefix is gathered from the device pool at every step, never copied into a row's
 cache), masks each row's unused prefix columns, and builds each row's relative-position bias by its prefix's
 convention (`plan.PrefixRows`, methods/prefix.py). Rows with prefixes of different lengths, and rows without
-one, share the pass.
+one, share the pass. A decode step (one query per row) joins the scores over the prefix and over the cache
+instead of the keys themselves, so no layer copies its cache to put a prefix before it.
 """
 
 from __future__ import annotations
