@@ -283,8 +283,21 @@ def file_info(d: Path) -> dict:
     return out
 
 
+def library_greedy(model, enc) -> list:
+    """The library's own greedy `generate`, with its decoder start token."""
+    gen = model.generate(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=MAX_NEW_TOKENS,
+        num_beams=1,
+        do_sample=False,
+    )
+    seq = gen[0] if isinstance(gen, torch.Tensor) else gen.sequences[0]
+    return [int(i) for i in seq]
+
+
 @torch.no_grad()
-def score_cases(model, tok) -> list:
+def score_cases(model, tok, greedy=library_greedy) -> list:
     cases = []
     for src, tgt in CASES:
         enc = tok(src, return_tensors="pt")
@@ -292,15 +305,7 @@ def score_cases(model, tok) -> list:
         out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         tok_lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[0]
-        gen = model.generate(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            max_new_tokens=MAX_NEW_TOKENS,
-            num_beams=1,
-            do_sample=False,
-        )
-        seq = gen[0] if isinstance(gen, torch.Tensor) else gen.sequences[0]
-        ids = [int(i) for i in seq]
+        ids = greedy(model, enc)
         cases.append(
             {
                 "input": src,
@@ -747,27 +752,7 @@ def manual_greedy(model, enc) -> list:
 
 
 def peft_prefix_cases(model, tok) -> list:
-    cases = []
-    for src, tgt in CASES:
-        enc = tok(src, return_tensors="pt")
-        labels = tok(tgt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels)
-            tok_lp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[0]
-            ids = manual_greedy(model, enc)
-        cases.append(
-            {
-                "input": src,
-                "target": tgt,
-                "input_ids": [int(i) for i in enc.input_ids[0]],
-                "target_ids": [int(i) for i in labels[0]],
-                "loglik": float(tok_lp.sum()),
-                "token_logprobs": [float(x) for x in tok_lp],
-                "greedy_ids": ids,
-                "greedy_text": tok.decode(ids, skip_special_tokens=True),
-            }
-        )
-    return cases
+    return score_cases(model, tok, manual_greedy)
 
 
 def main():
