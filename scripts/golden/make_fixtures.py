@@ -190,7 +190,15 @@ ADAPTERHUB_PREFIX_FIXTURES = [
         0.5,
     ),
     ("prefix_flat", lambda: PrefixTuningConfig(prefix_length=4, flat=True), False, 124, 0.5),
-    ("mam", lambda: MAMConfig(), False, 125, 0.1),
+    # MAMConfig's union with a smaller prefix MLP than its default (bottleneck 800, P 30): AdapterHub saves the pool
+    # under all 7 attention paths, and the default would make a 4 MB fixture. The parallel adapter is the default.
+    (
+        "mam",
+        lambda: MAMConfig(prefix_tuning=PrefixTuningConfig(prefix_length=10, bottleneck_size=32)),
+        False,
+        125,
+        0.2,
+    ),
 ]
 PEFT_PREFIX_FIXTURES = [
     # The golden backbone's attention is 2 heads x d_kv 32 = 64 wide, not d_model (128): PEFT sizes the prefix by

@@ -101,7 +101,7 @@ def test_imported_specs_carry_the_library_options(golden_engine: Engine) -> None
         4.0,
         "relu",
     )
-    assert (mam.reduction_factor, mam.prefix_length, mam.prefix_locations) == (2, 30, ("encoder", "decoder", "cross"))
+    assert (mam.reduction_factor, mam.prefix_length, mam.prefix_locations) == (2, 10, ("encoder", "decoder", "cross"))
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
