@@ -96,6 +96,21 @@ class PrefixRows:
     prefix_shift: torch.Tensor  # [R] long
     zero_bias: torch.Tensor  # [R] bool
 
+    @classmethod
+    def alike(
+        cls, rows: int, keys: torch.Tensor | None, values: torch.Tensor | None, rule: PrefixRule, device: torch.device
+    ) -> PrefixRows:
+        """`rows` rows that all follow `rule`, with these prefixes ([R or 1, P, heads·d_kv]; None: no prefix)."""
+
+        def filled(value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.full((rows,), value, dtype=dtype, device=device)
+
+        length = 0 if keys is None else keys.shape[1]
+        if keys is not None and values is not None:
+            keys, values = keys.expand(rows, -1, -1), values.expand(rows, -1, -1)
+        shifts = filled(length), filled(rule.real_shift), filled(rule.prefix_shift)
+        return cls(keys, values, *shifts, filled(rule.zero_bias, torch.bool))
+
     def expand(self, m: int) -> PrefixRows:
         """Each request's row repeated for its m beams (HF's `repeat_interleave` order)."""
         if m == 1:
@@ -254,8 +269,9 @@ class BatchPlan:
         if not involved:
             return None
         n, device = self.route.rows, self.route.slots.device
-        if len(involved) == 1 and involved[0][0].members is None and involved[0][1].has:
-            return self._one_layout(name, *involved[0])
+        if len(involved) == 1 and involved[0][0].members is None and involved[0][1].has:  # one layout: as gathered
+            g, rule = involved[0]
+            return PrefixRows.alike(n, g.part(f"prefix.{name}.k"), g.part(f"prefix.{name}.v"), rule, device)
         longest = max((g.layout.prefix_length for g, rule in involved if rule.has), default=0)
         keys = values = None
         lengths, real_shift, prefix_shift = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(3))
@@ -270,17 +286,6 @@ class BatchPlan:
                 lengths[rows] = k.shape[1]
             real_shift[rows], prefix_shift[rows], zero_bias[rows] = rule.real_shift, rule.prefix_shift, rule.zero_bias
         return PrefixRows(keys, values, lengths, real_shift, prefix_shift, zero_bias)
-
-    def _one_layout(self, name: str, g: Group, rule: PrefixRule) -> PrefixRows:
-        """Every row of the pass has the same layout: its gathered prefixes are the rows' as they are."""
-        n, device = self.route.rows, self.route.slots.device
-
-        def filled(value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.full((n,), value, dtype=dtype, device=device)
-
-        k, v = g.part(f"prefix.{name}.k"), g.part(f"prefix.{name}.v")
-        shifts = (filled(k.shape[1]), filled(rule.real_shift), filled(rule.prefix_shift))
-        return PrefixRows(k, v, *shifts, filled(rule.zero_bias, torch.bool))
 
 
 @dataclass(frozen=True)

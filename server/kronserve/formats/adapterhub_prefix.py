@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidAdapter, InvalidSpec
 from ..methods import Geometry, MethodSpec, parse_spec
+from ..methods.prefix import LOCATIONS, location_of
 from . import adapterhub
 
 _KEY = re.compile(
@@ -122,8 +123,8 @@ def _final_prefixes(
             found[m["leaf"]] = tensor
     length = int(c.get("prefix_length", 30))
     out: dict[str, torch.Tensor] = {}
-    for location in ("encoder", "decoder", "cross"):
-        mine = [s for s in sites if _location_of(s) == location]
+    for location in LOCATIONS:
+        mine = [s for s in sites if location_of(s) == location]
         if not mine:
             continue
         if location not in modules:
@@ -156,11 +157,6 @@ def _location_output(module: dict[str, torch.Tensor], c: dict[str, Any], locatio
     with torch.no_grad():
         h = _NON_LINEARITY[act_name](m["wte.weight"] @ m["control_trans.0.weight"].T + m["control_trans.0.bias"])
         return (h @ m["control_trans.2.weight"].T + m["control_trans.2.bias"]).float()
-
-
-def _location_of(site: str) -> str:
-    stack, _, kind = site.split(".")
-    return "cross" if kind == "cross" else stack
 
 
 def _inverse(location: str) -> str:

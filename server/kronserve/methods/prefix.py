@@ -32,6 +32,14 @@ Positions = Literal["adapterhub", "peft"]
 MAX_PREFIX = 1024
 
 _SITE = {"encoder": ("encoder", "mh"), "decoder": ("decoder", "mh"), "cross": ("decoder", "cross")}
+LOCATIONS = tuple(_SITE)
+
+
+def location_of(site: str) -> str:
+    """The location of an attention site: `encoder.1.mh` -> encoder, `decoder.0.mh` -> decoder, `decoder.0.cross`
+    -> cross."""
+    stack, _, kind = site.split(".")
+    return "cross" if kind == "cross" else stack
 
 
 def prefix_sites(geometry: Geometry, locations: tuple[str, ...], leave_out: tuple[int, ...]) -> list[str]:

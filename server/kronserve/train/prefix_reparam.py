@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ..methods import Geometry, MethodSpec
-
-LOCATIONS = {"encoder": ("encoder", "mh"), "decoder": ("decoder", "mh"), "cross": ("decoder", "cross")}
+from ..methods.prefix import LOCATIONS, location_of
 
 
 class PrefixReparam:
@@ -23,10 +22,11 @@ class PrefixReparam:
         self, spec: MethodSpec, geometry: Geometry, bottleneck: int, gen: torch.Generator, device: torch.device
     ) -> None:
         sites = spec.prefix_sites(geometry)
+        self.prefixed = frozenset(sites)
         self.length = spec.prefix_length  # type: ignore[attr-defined]
         self.width = geometry.d_attn
-        self.sites = {loc: [s for s in sites if _location(s) == loc] for loc in LOCATIONS}
-        self.sites = {loc: mine for loc, mine in self.sites.items() if mine}
+        by_location = {loc: [s for s in sites if location_of(s) == loc] for loc in LOCATIONS}
+        self.sites = {loc: mine for loc, mine in by_location.items() if mine}
         self.params: dict[str, nn.Parameter] = {}
         for loc, mine in self.sites.items():
             out = len(mine) * 2 * self.width
@@ -40,13 +40,6 @@ class PrefixReparam:
             for name, t in init.items():
                 self.params[f"reparam.{loc}.{name}"] = nn.Parameter(t.to(device))
 
-    @property
-    def params_device(self) -> torch.device:
-        return next(iter(self.params.values())).device
-
-    def location_of(self, site: str) -> str:
-        return _location(site)
-
     def output(self, location: str) -> torch.Tensor:
         """[P, layers·2, heads·d_kv]: layer k of the location takes rows 2k (keys) and 2k + 1 (values)."""
         p = {name: self.params[f"reparam.{location}.{name}"] for name in ("wte", "w0", "b0", "w2", "b2")}
@@ -55,7 +48,7 @@ class PrefixReparam:
 
     def site(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One site's (keys, values), each [P, heads·d_kv], differentiable in the MLP."""
-        location = _location(site)
+        location = location_of(site)
         k = self.sites[location].index(site)
         out = self.output(location)
         return out[:, 2 * k], out[:, 2 * k + 1]
@@ -70,11 +63,6 @@ class PrefixReparam:
                     tensors[f"prefix.{site}.k"] = out[:, 2 * k].clone()
                     tensors[f"prefix.{site}.v"] = out[:, 2 * k + 1].clone()
         return tensors
-
-
-def _location(site: str) -> str:
-    stack, _, kind = site.split(".")
-    return "cross" if kind == "cross" else stack
 
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, fan_in: int | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ class TrainablePlan:
             if not n.startswith("prefix.")
         }
         self._prefixes: PrefixReparam | None = None
-        self._attention = geometry.all_sites()
+        self._attention, self._device = geometry.all_sites(), device
         if spec.prefix_convention() is not None:
             gen = torch.Generator().manual_seed(seed)
             self._prefixes = PrefixReparam(spec, geometry, PREFIX_BOTTLENECK[spec.method], gen, device)
@@ -81,25 +81,11 @@ class TrainablePlan:
         if reparam is None or convention is None:
             return None
         name = self._attention[site]
-        rule = prefix_rule(convention, name, reparam.sites.get(reparam.location_of(name), ()), reparam.length)
+        rule = prefix_rule(convention, name, reparam.prefixed, reparam.length)
         if not (rule.has or rule.zero_bias):
             return None
-        keys = values = None
-        if rule.has:
-            k, v = reparam.site(name)
-            keys, values = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
-
-        def filled(value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.full((rows,), value, dtype=dtype, device=reparam.params_device)
-
-        return PrefixRows(
-            keys,
-            values,
-            filled(reparam.length if rule.has else 0),
-            filled(rule.real_shift),
-            filled(rule.prefix_shift),
-            filled(rule.zero_bias, torch.bool),
-        )
+        keys, values = (t[None] for t in reparam.site(name)) if rule.has else (None, None)
+        return PrefixRows.alike(rows, keys, values, rule, self._device)
 
     def parameters(self) -> list[nn.Parameter]:
         reparam = [] if self._prefixes is None else list(self._prefixes.params.values())
