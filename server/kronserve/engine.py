@@ -34,10 +34,8 @@ from .registry import Entry, Registry
 from .running import RunningBatch, empty_cache
 from .store import AdapterStore
 from .t5_sites import base_norms, install_sites
+from .text import TextCodec
 
-# An input longer than max_input_tokens × this many characters cannot fit (no T5 or ByT5 token is longer),
-# so it is refused before the tokenizer spends time on it.
-MAX_CHARS_PER_TOKEN = 32
 MB = 1024 * 1024
 
 
@@ -75,6 +73,7 @@ class Engine:
         self.backbone = backbone
         self.geometry = g = fp.geometry
         self.max_input_tokens = max_input_tokens
+        self.codec = TextCodec(backbone.tokenizer, max_input_tokens)
         model = backbone.model
         names = SiteNames(tuple(g.all_sites()), tuple(g.all_norms()), tuple(g.all_linears()))
         norms = base_norms(model)
@@ -263,29 +262,10 @@ class Engine:
 
     # ---- tokens ----------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], what: str = "input") -> list[list[int]]:
-        """Token ids of `texts` (EOS included); raises InvalidRequest naming a text over the limit.
-
-        Nothing is truncated silently: a truncated target would be scored as another string. A text too long
-        to fit even at `MAX_CHARS_PER_TOKEN` characters a token is refused before the tokenizer sees it.
-        """
-        chars = self.max_input_tokens * MAX_CHARS_PER_TOKEN
-        for i, text in enumerate(texts):
-            if len(text) > chars:
-                raise InvalidRequest(
-                    f"{what} {i} has {len(text)} characters, more than {self.max_input_tokens} tokens can hold"
-                )
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidRequest(f"{what} {i} is not valid Unicode text ({e.reason})") from None
-        ids = self.backbone.tokenizer(list(texts))["input_ids"]
-        for i, row in enumerate(ids):
-            if len(row) > self.max_input_tokens:
-                raise InvalidRequest(f"{what} {i} has {len(row)} tokens; the limit is {self.max_input_tokens}")
-        return ids
+        return self.codec.tokenize(texts, what)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.codec.decode(ids)
 
     def _padded(self, inputs: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         ids, mask = _pad(inputs, self.pad_id)

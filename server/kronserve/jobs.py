@@ -22,17 +22,18 @@ from .registry import Entry
 class TokenStream:
     """A running request's tokens as the engine picks them, delivered in order on the event loop.
 
-    The engine thread `push`es (input index, token); the event loop reads `queue` and may `stop` an input
-    (a stop string appeared): the engine ends that sequence at its next step.
+    The engine thread `push`es one step's (input index, token) pairs at a time (one hand-over per request per
+    step, not per token); the event loop reads `queue` and may `stop` an input (a stop string appeared): the
+    engine ends that sequence at its next step.
     """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self.queue: asyncio.Queue[list[tuple[int, int]]] = asyncio.Queue()
         self.stopped: set[int] = set()
         self._loop = asyncio.get_running_loop()
 
-    def push(self, index: int, token: int) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, token))
+    def push(self, pairs: list[tuple[int, int]]) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, pairs)
 
     def stop(self, index: int) -> None:
         self.stopped.add(index)

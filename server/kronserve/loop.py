@@ -12,7 +12,7 @@ the middle of its generation changes nothing for it; from admission it also hold
 device, so its slot is neither evicted nor reused while a row reads it. Admission bounds the distinct
 adapters the running rows hold by the device budget, so a batch never needs more than the tier holds.
 A failure is confined to the requests it concerns: an admission or a score pass fails only its own
-requests, a sequence whose tokens cannot be decoded fails only its request.
+requests, a sequence whose next token cannot be chosen fails only its request.
 
 `static` mode is the engine before this loop (one HF `generate()` per batch of identical settings, no
 joining): kept as the baseline `benchmarks/continuous.py` measures against.
@@ -33,8 +33,8 @@ import torch
 from .decoding import BeamSequence, Sequence, greedy_tokens
 from .engine import Engine
 from .errors import InvalidRequest, KronserveError
-from .jobs import Job
-from .messages import Generation
+from .jobs import Job, TokenStream
+from .messages import Output
 from .metrics import Metrics
 from .running import RunningBatch
 
@@ -305,10 +305,14 @@ class DecodeLoop:
 
     @staticmethod
     def _publish(members: list[_Member]) -> None:
-        """Each streamed one-row sequence's new token (beams have no token to stream until they end)."""
+        """Each streamed one-row sequence's new token, handed over once per request (beams have no token to stream
+        until they end)."""
+        step: dict[int, tuple[TokenStream, list[tuple[int, int]]]] = {}
         for m in members:
             if m.job.stream is not None and isinstance(m.seq, Sequence) and m.seq.tokens and not m.job.failed:
-                m.job.stream.push(m.index, m.seq.tokens[-1])
+                step.setdefault(id(m.job), (m.job.stream, []))[1].append((m.index, m.seq.tokens[-1]))
+        for stream, pairs in step.values():
+            stream.push(pairs)
 
     def _leave(self) -> None:
         """Answer the requests whose sequences are all done; their rows leave the batch."""
@@ -344,16 +348,12 @@ class DecodeLoop:
             self._answer(m.job, [o for o in outputs if o is not None])
 
     def _answer(self, job: Job, ids: list[list[int]]) -> None:
+        """Token ids out (the text side decodes them)."""
         eos = self.engine.vocab.eos
-        try:
-            answers = [
-                Generation(self.engine.decode(row), len(row), len(prompt), "stop" if row[-1:] == [eos] else "length")
-                for row, prompt in zip(ids, job.inputs, strict=True)
-            ]
-        except Exception as e:  # this request's tokens alone; its neighbours are answered
-            log.error("request for task %r: its output could not be decoded: %s", job.entry.task, e)
-            self._finish_error(job, e)
-            return
+        answers = [
+            Output(row, len(prompt), "stop" if row[-1:] == [eos] else "length")
+            for row, prompt in zip(ids, job.inputs, strict=True)
+        ]
         self.metrics.generated_tokens.inc(sum(len(row) for row in ids))
         self._finish(job, answers)
 

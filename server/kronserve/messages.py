@@ -40,6 +40,16 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Output:
+    """One input's answer as the engine gives it, before text: its generated ids (EOS included when reached), its
+    prompt's length and why it ended ("stop": EOS; "length": max_new_tokens). The text side decodes it."""
+
+    ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
 class Started:
     """A stream's first event: the request was accepted and leased this version (its answers' headers)."""
 

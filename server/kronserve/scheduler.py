@@ -57,18 +57,19 @@ class Scheduler:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self.loop.stop)
 
-    async def submit(
+    async def accept(
         self,
         entry: Entry,
         inputs: list[list[int]],
         targets: list[list[int]] | None = None,
         params: GenerationParams | None = None,
         stream: TokenStream | None = None,
-    ) -> list:
-        """Queue one request (predict when `params`, else score) and wait for its values.
+    ) -> Job:
+        """Queue one request (predict when `params`, else score); raises, before anything is queued, what refuses it
+        (not accepting, queue full, the adapter's weights unreadable). `wait` then gives its values.
 
         Takes over the caller's lease on `entry`: it is released when the request leaves the engine, or here if
-        it never enters the queue. With `stream`, the engine also pushes each input's tokens as it picks them.
+        it is refused. With `stream`, the engine also pushes each input's tokens as it picks them.
         """
         refused = self._refusal()
         if refused is not None:
@@ -88,14 +89,29 @@ class Scheduler:
             raise refused
         self.loop.put(job)
         self.metrics.queue_depth.set(self.loop.waiting)
+        return job
+
+    async def wait(self, job: Job) -> list:
+        """The accepted job's values; a timeout or the caller giving up cancels it (its rows leave at the next step)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=self.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=job.deadline - time.monotonic())
         except TimeoutError:
             self._cancel(job)
             raise RequestTimeout(f"request did not finish within {self.timeout_s:g} s", retry_after=1) from None
         except asyncio.CancelledError:
             self._cancel(job)
             raise
+
+    async def submit(
+        self,
+        entry: Entry,
+        inputs: list[list[int]],
+        targets: list[list[int]] | None = None,
+        params: GenerationParams | None = None,
+        stream: TokenStream | None = None,
+    ) -> list:
+        """`accept` then `wait`."""
+        return await self.wait(await self.accept(entry, inputs, targets, params, stream))
 
     def _refusal(self) -> KronserveError | None:
         if not self._accepting:

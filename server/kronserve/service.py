@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from .backbone import DEFAULT_HUB_ID, default_backbone, load_backbone
@@ -24,22 +24,23 @@ from .engine import Engine
 from .errors import KronserveError, NotReady
 from .formats.importers import to_adapter
 from .formats.native import AdapterFile, dumps, is_native
-from .jobs import TokenStream
+from .front import TextFront
+from .jobs import Job, TokenStream
 from .loop import Bounds
-from .messages import Delta, GenerationParams, Result, Started
+from .messages import GenerationParams, Started
 from .methods import init_tensors, preset
 from .metrics import Metrics
 from .registry import Entry
 from .scheduler import Scheduler
 from .store import VersionRef, open_store
-from .streaming import StreamText
 from .t5_sites import base_norms
+from .text import TextCodec
 
 log = logging.getLogger(__name__)
 DEMO_TASK = "demo"
 
 
-class Service:
+class Service(TextFront):
     def __init__(
         self, settings: Settings, name: str | None = None, preload: Callable[[str], bool] | None = None
     ) -> None:
@@ -118,64 +119,27 @@ class Service:
             ready["unavailable"] = unavailable
         return ready
 
-    async def predict(
-        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
-    ) -> Result:
-        if params.stop:  # stop strings are found in the text as it comes: the stream's path
-            events = [e async for e in self.predict_stream(task, inputs, params, pin)]
-            return events[-1]
-        scheduler = self.scheduler
-        ids = await asyncio.to_thread(self.engine.tokenize, inputs)  # once, off the event loop
-        return await self._submit(scheduler, task, ids, None, params, pin)
+    @property
+    def codec(self) -> TextCodec:
+        return self.engine.codec
 
-    async def predict_stream(
-        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
-    ) -> AsyncIterator[Started | Delta | Result]:
-        """`Started`, text deltas per input as tokens are decoded, then the `Result` (its texts are the deltas' sums).
-
-        Errors before the first event raise as `predict` does; leaving the iteration early (a client gone)
-        cancels the request: its rows leave the engine at the next step.
-        """
+    async def _run(
+        self,
+        task: str,
+        inputs: list[list[int]],
+        targets: list[list[int]] | None,
+        params: GenerationParams | None,
+        pin: VersionRef | None,
+        stream: bool,
+    ) -> LocalRun:
+        """Lease the task's active version at acceptance (404 if none); the engine holds it until the request
+        leaves (its last step, or the step after its caller gave up)."""
         scheduler = self.scheduler
-        ids = await asyncio.to_thread(self.engine.tokenize, inputs)
         if pin is not None:
             await self._ensure(task, pin)
         (entry,) = self.engine.registry.acquire([task])
-        stream, text = TokenStream(), StreamText(self.engine.decode, len(ids), params.stop)
-        answer = asyncio.ensure_future(scheduler.submit(entry, ids, None, params, stream))
-        try:
-            yield Started(entry.task, entry.version, self.name)
-            while not answer.done() or not stream.queue.empty():
-                if stream.queue.empty():
-                    getting = asyncio.ensure_future(stream.queue.get())
-                    await asyncio.wait({getting, answer}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getting.done():
-                        getting.cancel()
-                        continue
-                    index, token = getting.result()
-                else:
-                    index, token = stream.queue.get_nowait()
-                delta, stopped = text.add(index, token)
-                if stopped:
-                    stream.stop(index)
-                if delta:
-                    yield Delta(index, delta)
-            finals = []
-            for i, generation in enumerate(answer.result()):
-                delta, final = text.finish(i, generation)
-                if delta:
-                    yield Delta(i, delta)
-                finals.append(final)
-            yield Result(entry.task, entry.version, finals, self.name)
-        finally:
-            if not answer.done():
-                answer.cancel()
-
-    async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
-        scheduler = self.scheduler
-        ids = await asyncio.to_thread(self.engine.tokenize, inputs)
-        target_ids = await asyncio.to_thread(self.engine.tokenize, targets, "target")
-        return await self._submit(scheduler, task, ids, target_ids, None, pin)
+        job = await scheduler.accept(entry, inputs, targets, params, TokenStream() if stream else None)
+        return LocalRun(scheduler, job, Started(entry.task, entry.version, self.name))
 
     async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
         """A native file is stored as sent; another format is converted to native first."""
@@ -241,23 +205,6 @@ class Service:
         """The version's identity (stable: what clients compare), and with `residency` where it is now (live)."""
         live = self.engine.where(entry) if residency else {}
         return {**entry.describe(), **live, "replica": self.name}
-
-    async def _submit(
-        self,
-        scheduler: Scheduler,
-        task: str,
-        inputs: list[list[int]],
-        targets: list[list[int]] | None,
-        params: GenerationParams | None,
-        pin: VersionRef | None,
-    ) -> Result:
-        """Lease the task's active version at acceptance (404 if none); the engine holds it until the request
-        leaves (its last step, or the step after its caller gave up)."""
-        if pin is not None:
-            await self._ensure(task, pin)
-        (entry,) = self.engine.registry.acquire([task])
-        values = await scheduler.submit(entry, inputs, targets, params)
-        return Result(entry.task, entry.version, values, self.name)
 
     async def _ensure(self, task: str, pin: VersionRef) -> None:
         """The gateway read `pin` from the store: serve it or something newer, never an older version.
@@ -343,3 +290,43 @@ class Service:
         for task in missing:
             engine.registry.upload(task.name, files[task.name].read_bytes())
             log.info("added demo adapter %r", task.name)
+
+
+class LocalRun:
+    """A request accepted by this process's scheduler, as the text side sees it (`front.Run`)."""
+
+    def __init__(self, scheduler: Scheduler, job: Job, started: Started) -> None:
+        self.job, self.started = job, started
+        self._answer = asyncio.ensure_future(scheduler.wait(job))
+
+    async def tokens(self) -> list[tuple[int, int]] | None:
+        stream = self.job.stream
+        if stream is None:
+            return None
+        while stream.queue.empty():
+            if self._answer.done():
+                return None
+            getting = asyncio.ensure_future(stream.queue.get())
+            await asyncio.wait({getting, self._answer}, return_when=asyncio.FIRST_COMPLETED)
+            if getting.done():
+                return getting.result() + self._drain()
+            getting.cancel()
+        return self._drain()
+
+    def _drain(self) -> list[tuple[int, int]]:
+        assert self.job.stream is not None
+        pairs: list[tuple[int, int]] = []
+        while not self.job.stream.queue.empty():
+            pairs += self.job.stream.queue.get_nowait()
+        return pairs
+
+    async def result(self) -> list:
+        return await self._answer
+
+    def stop(self, index: int) -> None:
+        if self.job.stream is not None:
+            self.job.stream.stop(index)
+
+    def cancel(self) -> None:
+        if not self._answer.done():
+            self._answer.cancel()

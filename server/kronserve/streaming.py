@@ -1,9 +1,13 @@
 """Text out of tokens as they come: deltas for a stream, stop strings, and the final texts they add up to.
 
-Decoding the whole sequence each time (not token by token) keeps multi-byte characters and SentencePiece's
-spaces right; text that may still change is held back: a trailing U+FFFD (an incomplete UTF-8 character,
-e.g. ByT5 mid-character) and, when stop strings are set, the last characters that could begin one. The
-deltas of an input always add up to its final text.
+Decoding is incremental (TGI's `decode_token`): each new token decodes a short window from `prefix` (a few
+tokens before the unread ones, so SentencePiece's leading spaces and multi-token characters come out as
+they would in the whole text) to the end, and only the text past the window's already-read part is new.
+The cost per token is a handful of tokens, not the whole sequence. Text that may still change is held
+back: a window ending in U+FFFD (an incomplete UTF-8 character, e.g. ByT5 mid-character) waits for its
+next token, and, when stop strings are set, the last characters that could begin one. The deltas of an
+input add up to its final text whenever that text extends what was sent (the final decode of the whole
+sequence is the answer's text; the rest of it goes out with the last event).
 """
 
 from __future__ import annotations
@@ -14,45 +18,76 @@ from collections.abc import Callable, Sequence
 from .messages import Generation
 
 REPLACEMENT = "\ufffd"
+# Tokens decoded before the unread ones, so a token's text is read in context (TGI uses 5 likewise).
+CONTEXT_TOKENS = 5
+
+
+class _Input:
+    """One input's incremental state: ids, the decode window's offsets, the text decoded and sent."""
+
+    __slots__ = ("cut", "ids", "prefix", "read", "sent", "text")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded already (context); ids[read:] not yet
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of `text` sent as deltas
+        self.cut: str | None = None  # the text up to a stop string, once one appeared
 
 
 class StreamText:
     def __init__(self, decode: Callable[[list[int]], str], inputs: int, stop: Sequence[str] = ()) -> None:
         self.decode, self.stop = decode, tuple(s for s in stop if s)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        self._ids: list[list[int]] = [[] for _ in range(inputs)]
-        self._sent = [""] * inputs
-        self._cut: list[str | None] = [None] * inputs
+        self._inputs = [_Input() for _ in range(inputs)]
 
     def add(self, index: int, token: int) -> tuple[str, bool]:
         """(text to send now, whether a stop string just ended this input)."""
-        if self._cut[index] is not None:
+        state = self._inputs[index]
+        if state.cut is not None:
             return "", False
-        self._ids[index].append(token)
-        text = self.decode(self._ids[index])
-        at = self._stop_at(text)
+        state.ids.append(token)
+        new = self._new_text(state)
+        if not new:
+            return "", False
+        before = len(state.text)
+        state.text += new
+        at = self._stop_at(state.text, max(0, before - self._hold))
         if at is not None:
-            self._cut[index] = text[:at]
-            return self._send(index, text[:at]), True
-        safe = text.rstrip(REPLACEMENT)
-        return self._send(index, safe[: max(len(self._sent[index]), len(safe) - self._hold)]), False
+            state.cut = state.text[:at]
+            return self._send(state, at), True
+        return self._send(state, max(state.sent, len(state.text) - self._hold)), False
 
     def finish(self, index: int, answer: Generation) -> tuple[str, Generation]:
         """(the rest of the text to send, the final answer): cut at a stop string, which makes it "stop"."""
-        cut = self._cut[index]
+        state = self._inputs[index]
+        cut = state.cut
         if cut is None:
-            at = self._stop_at(answer.text)
+            at = self._stop_at(answer.text, 0)
             cut = answer.text if at is None else answer.text[:at]
         reason = "stop" if cut != answer.text else answer.finish_reason
-        return self._send(index, cut), dataclasses.replace(answer, text=cut, finish_reason=reason)
+        sent = state.text[: state.sent]
+        rest = cut[len(sent) :] if len(cut) > len(sent) and cut.startswith(sent) else ""
+        state.sent = len(cut)
+        return rest, dataclasses.replace(answer, text=cut, finish_reason=reason)
 
-    def _stop_at(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+    def _new_text(self, state: _Input) -> str:
+        """The text the unread tokens add, or "" while the window ends mid-character."""
+        window = state.ids[state.prefix :]
+        context = self.decode(state.ids[state.prefix : state.read]) if state.read > state.prefix else ""
+        text = self.decode(window)
+        if len(text) <= len(context) or text.endswith(REPLACEMENT):
+            return ""
+        state.prefix, state.read = max(state.prefix, len(state.ids) - CONTEXT_TOKENS), len(state.ids)
+        return text[len(context) :]
+
+    def _stop_at(self, text: str, start: int) -> int | None:
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _send(self, index: int, upto: str) -> str:
-        sent = self._sent[index]
-        if len(upto) <= len(sent) or not upto.startswith(sent):
+    @staticmethod
+    def _send(state: _Input, upto: int) -> str:
+        if upto <= state.sent:
             return ""
-        self._sent[index] = upto
-        return upto[len(sent) :]
+        delta, state.sent = state.text[state.sent : upto], upto
+        return delta

@@ -1,0 +1,132 @@
+"""The text side of a request: tokenize, run on a token-level engine, detokenize (incrementally when streaming).
+
+The API process runs this over the engine process's client; the in-process `Service` (cluster replicas,
+benchmarks) runs the same over its own scheduler, so both answer alike. A `Run` is one accepted request
+seen from here: its first event, its tokens per step, its values, and the two ways to end it early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from .errors import KronserveError
+from .messages import Delta, Generation, GenerationParams, Output, Result, Started
+from .store import VersionRef
+from .streaming import StreamText
+from .text import TextCodec
+
+log = logging.getLogger(__name__)
+# Inputs longer than this many characters in all are tokenized off the event loop (shorter ones cost less
+# than the thread hop).
+INLINE_CHARS = 4096
+
+
+class Run(Protocol):
+    """One accepted request. `started` is known once `tokens` or `result` has answered (at once for streams)."""
+
+    started: Started
+
+    async def tokens(self) -> list[tuple[int, int]] | None:
+        """The next (input index, token) pairs picked, in order; None once the request has ended."""
+        ...
+
+    async def result(self) -> list[Any]:
+        """Its values: `Output`s (predict) or float scores; raises the request's error."""
+        ...
+
+    def stop(self, index: int) -> None:
+        """End input `index` at the next step with what it has (a stop string appeared)."""
+        ...
+
+    def cancel(self) -> None:
+        """The caller gave up (no-op once ended): its rows leave the engine at the next step."""
+        ...
+
+
+class TextFront:
+    """`predict`, `predict_stream` and `score` of the `Backend` protocol, over `_run` and `codec`."""
+
+    async def _run(
+        self,
+        task: str,
+        inputs: list[list[int]],
+        targets: list[list[int]] | None,
+        params: GenerationParams | None,
+        pin: VersionRef | None,
+        stream: bool,
+    ) -> Run:
+        """Accept one request (refusals raise here, before any byte of an answer is sent)."""
+        raise NotImplementedError
+
+    @property
+    def codec(self) -> TextCodec:
+        raise NotImplementedError
+
+    async def predict(
+        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+    ) -> Result:
+        if params.stop:  # stop strings are found in the text as it comes: the stream's path
+            events = [e async for e in self.predict_stream(task, inputs, params, pin)]
+            return events[-1]
+        codec = self.codec
+        run = await self._run(task, await self._tokenize(inputs), None, params, pin, stream=False)
+        outputs = await run.result()
+        s = run.started
+        return Result(s.task, s.version, [_generation(codec, o) for o in outputs], s.replica)
+
+    async def predict_stream(
+        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+    ) -> AsyncIterator[Started | Delta | Result]:
+        """`Started`, text deltas per input as tokens are decoded, then the `Result` (its texts are the deltas' sums).
+
+        Errors before the first event raise as `predict` does; leaving the iteration early (a client gone)
+        cancels the request: its rows leave the engine at the next step.
+        """
+        codec = self.codec
+        ids = await self._tokenize(inputs)
+        run = await self._run(task, ids, None, params, pin, stream=True)
+        text = StreamText(codec.decode, len(ids), params.stop)
+        try:
+            yield run.started
+            while (pairs := await run.tokens()) is not None:
+                for index, token in pairs:
+                    delta, stopped = text.add(index, token)
+                    if stopped:
+                        run.stop(index)
+                    if delta:
+                        yield Delta(index, delta)
+            finals = []
+            for i, output in enumerate(await run.result()):
+                delta, final = text.finish(i, _generation(codec, output))
+                if delta:
+                    yield Delta(i, delta)
+                finals.append(final)
+            s = run.started
+            yield Result(s.task, s.version, finals, s.replica)
+        finally:
+            run.cancel()
+
+    async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
+        ids, target_ids = await self._tokenize(inputs), await self._tokenize(targets, "target")
+        run = await self._run(task, ids, target_ids, None, pin, stream=False)
+        values = await run.result()
+        s = run.started
+        return Result(s.task, s.version, values, s.replica)
+
+    async def _tokenize(self, texts: list[str], what: str = "input") -> list[list[int]]:
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            return self.codec.tokenize(texts, what)
+        return await asyncio.to_thread(self.codec.tokenize, texts, what)
+
+
+def _generation(codec: TextCodec, output: Output) -> Generation:
+    """One input's text; a sequence that cannot be decoded fails its own request only."""
+    try:
+        text = codec.decode(output.ids)
+    except Exception as e:
+        log.error("an output could not be decoded: %s", e)
+        raise KronserveError(f"the generated tokens could not be decoded: {e}") from e
+    return Generation(text, len(output.ids), output.prompt_tokens, output.finish_reason)

@@ -1,0 +1,54 @@
+"""Text ↔ token ids with the server's limits: the side of a request that never touches the model.
+
+The API process tokenizes inputs and decodes outputs with this (the engine process never sees text), and
+the in-process `Service` does the same, so both answer alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import InvalidRequest
+
+# An input longer than max_input_tokens × this many characters cannot fit (no T5 or ByT5 token is longer),
+# so it is refused before the tokenizer spends time on it.
+MAX_CHARS_PER_TOKEN = 32
+
+
+class TextCodec:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_input_tokens: int) -> None:
+        self.tokenizer, self.max_input_tokens = tokenizer, max_input_tokens
+
+    @classmethod
+    def load(cls, source: str, local_only: bool, max_input_tokens: int) -> TextCodec:
+        """The backbone's tokenizer alone (hub id or directory), as `load_backbone` loads it."""
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer.padding_side = "right"
+        return cls(tokenizer, max_input_tokens)
+
+    def tokenize(self, texts: Sequence[str], what: str = "input") -> list[list[int]]:
+        """Token ids of `texts` (EOS included); raises InvalidRequest naming a text over the limit.
+
+        Nothing is truncated silently: a truncated target would be scored as another string. A text too long
+        to fit even at `MAX_CHARS_PER_TOKEN` characters a token is refused before the tokenizer sees it.
+        """
+        chars = self.max_input_tokens * MAX_CHARS_PER_TOKEN
+        for i, text in enumerate(texts):
+            if len(text) > chars:
+                raise InvalidRequest(
+                    f"{what} {i} has {len(text)} characters, more than {self.max_input_tokens} tokens can hold"
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequest(f"{what} {i} is not valid Unicode text ({e.reason})") from None
+        ids = self.tokenizer(list(texts))["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) > self.max_input_tokens:
+                raise InvalidRequest(f"{what} {i} has {len(row)} tokens; the limit is {self.max_input_tokens}")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
