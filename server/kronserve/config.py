@@ -49,6 +49,15 @@ class Settings(BaseSettings):
         default="continuous",
         description="continuous: rows join and leave at every step; static: one generate() per batch (baseline)",
     )
+    engine_process: bool = Field(
+        default=True,
+        description="run the engine (model, tiers, step loop) in its own process; false: one process (as a replica)",
+    )
+    api_workers: int = Field(default=1, ge=1, description="API processes (HTTP, tokens, text) in front of one engine")
+    engine_crash_deaths: int = Field(
+        default=5, ge=1, description="engine deaths within engine_crash_window_s that stop the server (a crash loop)"
+    )
+    engine_crash_window_s: float = Field(default=300.0, gt=0, description="see engine_crash_deaths")
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="JSON body limit of predict and score requests (413 beyond)"
     )

@@ -97,3 +97,9 @@ class Unauthorized(KronserveError):
 
 class PayloadTooLarge(KronserveError):
     code = "payload_too_large"
+
+
+class EngineRestarting(Overloaded):
+    """The engine process died under this request (or is starting again): 503, retry after Retry-After."""
+
+    code = "engine_restarting"

@@ -49,7 +49,7 @@ class Run(Protocol):
 class TextFront:
     """`predict`, `predict_stream` and `score` of the `Backend` protocol, over `_run` and `codec`."""
 
-    async def _run(
+    async def open_run(
         self,
         task: str,
         inputs: list[list[int]],
@@ -72,7 +72,7 @@ class TextFront:
             events = [e async for e in self.predict_stream(task, inputs, params, pin)]
             return events[-1]
         codec = self.codec
-        run = await self._run(task, await self._tokenize(inputs), None, params, pin, stream=False)
+        run = await self.open_run(task, await self._tokenize(inputs), None, params, pin, stream=False)
         outputs = await run.result()
         s = run.started
         return Result(s.task, s.version, [_generation(codec, o) for o in outputs], s.replica)
@@ -87,7 +87,7 @@ class TextFront:
         """
         codec = self.codec
         ids = await self._tokenize(inputs)
-        run = await self._run(task, ids, None, params, pin, stream=True)
+        run = await self.open_run(task, ids, None, params, pin, stream=True)
         text = StreamText(codec.decode, len(ids), params.stop)
         try:
             yield run.started
@@ -111,7 +111,7 @@ class TextFront:
 
     async def score(self, task: str, inputs: list[str], targets: list[str], pin: VersionRef | None = None) -> Result:
         ids, target_ids = await self._tokenize(inputs), await self._tokenize(targets, "target")
-        run = await self._run(task, ids, target_ids, None, pin, stream=False)
+        run = await self.open_run(task, ids, target_ids, None, pin, stream=False)
         values = await run.result()
         s = run.started
         return Result(s.task, s.version, values, s.replica)

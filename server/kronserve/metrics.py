@@ -125,6 +125,9 @@ class Metrics:
         self.queue_capacity = Gauge(
             "kronserve_queue_capacity", "Queued requests beyond which new ones get 503 (queue_size)", registry=r
         )
+        self.engine_restarts = Counter(
+            "kronserve_engine_restarts", "Times the engine process died and was started again", registry=r
+        )
         self.generated_tokens = Counter(
             "kronserve_generated_tokens",
             "Tokens generated for predict outputs (EOS included; beams: the answer's)",
@@ -193,6 +196,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merged_sum(texts: list[bytes]) -> bytes:
+    """Prometheus texts of processes that share one job (the API process and the engine process) as one: each
+    counter, histogram and summary sample is summed over them; a gauge takes the largest value (each gauge is
+    set by one process; the other keeps its zero), an info the first."""
+    families: dict[str, Any] = {}
+    values: dict[tuple[str, tuple], float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, family)
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                    if merged is not family:
+                        merged.samples.append(sample)
+                elif family.type in ("counter", "histogram", "summary"):
+                    values[key] += sample.value
+                elif family.type == "gauge":
+                    values[key] = max(values[key], sample.value)
+    for family in families.values():
+        family.samples = [s._replace(value=values[(s.name, tuple(sorted(s.labels.items())))]) for s in family.samples]
+    return generate_latest(_Families(list(families.values())))
 
 
 def merged_with_source(texts: dict[str, bytes]) -> bytes:

@@ -109,7 +109,7 @@ class Service(TextFront):
             await self._scheduler.drain_and_stop()
 
     # ---- the Backend protocol ------------------------------------------------------------------
-    def readiness(self) -> dict[str, object]:
+    async def readiness(self) -> dict[str, object]:
         if not self.ready:
             why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
             raise NotReady(f"not ready: {why}", retry_after=5)
@@ -123,7 +123,7 @@ class Service(TextFront):
     def codec(self) -> TextCodec:
         return self.engine.codec
 
-    async def _run(
+    async def open_run(
         self,
         task: str,
         inputs: list[list[int]],

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -17,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
+from ..core.client import EngineClient
 from ..errors import KronserveError
 from ..metrics import Metrics
 from ..service import Service
@@ -27,6 +30,8 @@ from .openai import router as openai_router
 from .routes import router
 
 log = logging.getLogger(__name__)
+# How `serve` hands an API worker process its settings and the engine's addresses.
+WORKER_SETTINGS, WORKER_ENGINE, WORKER_STATUS = "KRONSERVE_WORKER_SETTINGS", "KRONSERVE_ENGINE", "KRONSERVE_STATUS"
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -149,9 +154,10 @@ class RequestMetrics:
 
 
 def serve(settings: Settings) -> None:
-    """Run the app under uvicorn; SIGTERM flips readiness at once, then drains accepted work."""
-    import uvicorn
+    """Run the API under uvicorn, the engine in its own process (supervised) unless `engine_process` is off.
 
+    SIGTERM flips readiness at once, then drains accepted work; a start-up that fails, or an engine crash loop,
+    exits non-zero with the reason."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.admin_token is None:
         log.warning(
@@ -160,8 +166,78 @@ def serve(settings: Settings) -> None:
             settings.host,
             settings.port,
         )
-    app = create_app(settings)
-    service: Service = app.state.backend
+    if not settings.engine_process:
+        _serve_app(settings, create_app(settings))
+        return
+    from ..core.supervisor import Supervisor
+
+    fatal: list[str] = []
+    stop_api: list[Callable[[], None]] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        for stop in stop_api:
+            stop()
+
+    supervisor = Supervisor(settings, on_fatal)
+    supervisor.start()
+    try:
+        if settings.api_workers > 1:
+            _serve_workers(settings, supervisor, stop_api)
+        else:
+            client = EngineClient(settings, supervisor.engine_address, supervisor.status_address)
+            _serve_app(settings, create_app(settings, client), stop_api)
+    finally:
+        supervisor.stop()
+    if fatal:
+        raise KronserveError(fatal[0] if fatal[0].startswith("crash loop") else f"start-up failed: {fatal[0]}")
+
+
+def worker_app() -> FastAPI:
+    """One of `api_workers` API processes (uvicorn's factory): settings and the engine's addresses from its parent."""
+    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS])
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = EngineClient(settings, os.environ[WORKER_ENGINE], os.environ[WORKER_STATUS])
+    return create_app(settings, client)
+
+
+def _serve_workers(settings: Settings, supervisor: Any, stop_api: list[Callable[[], None]]) -> None:
+    """`api_workers` uvicorn processes on one listening socket (uvicorn's own multiprocess supervisor), each a client
+    of the one engine. They drain as uvicorn does on SIGTERM (finish what they accepted, up to the timeout)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    data = settings.model_dump(mode="json")
+    data["admin_token"] = settings.admin_token.get_secret_value() if settings.admin_token else None
+    os.environ[WORKER_SETTINGS] = json.dumps(data)
+    os.environ[WORKER_ENGINE], os.environ[WORKER_STATUS] = supervisor.engine_address, supervisor.status_address
+    config = uvicorn.Config(
+        "kronserve.api.app:worker_app",
+        factory=True,
+        workers=settings.api_workers,
+        **_uvicorn_options(settings),
+    )
+    workers = Multiprocess(config, sockets=[config.bind_socket()])
+    stop_api.append(workers.should_exit.set)
+    workers.run()
+
+
+def _uvicorn_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        "limit_concurrency": settings.max_connections,
+        "http": head_deadline(settings.header_timeout_s),
+    }
+
+
+def _serve_app(settings: Settings, app: FastAPI, stop_api: list[Callable[[], None]] | None = None) -> None:
+    import uvicorn
+
+    service = app.state.backend
 
     class DrainingServer(uvicorn.Server):
         """First SIGTERM: keep listening, answer /readyz 503 and refuse new work until accepted work is done,
@@ -178,20 +254,13 @@ def serve(settings: Settings) -> None:
             service.wait_drained(timeout_s=settings.request_timeout_s)
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        timeout_keep_alive=settings.keepalive_timeout_s,
-        limit_concurrency=settings.max_connections,
-        http=head_deadline(settings.header_timeout_s),
-    )
+    config = uvicorn.Config(app, **_uvicorn_options(settings))
     # uvicorn re-raises the signal it drained on; after a clean SIGTERM drain that must be a no-op (exit 0).
     signal.signal(signal.SIGTERM, lambda *_: None)
     server = DrainingServer(config)
     app.state.on_start_failure = lambda: setattr(server, "should_exit", True)
+    if stop_api is not None:
+        stop_api.append(app.state.on_start_failure)
     server.run()
-    if service.startup_error is not None:
+    if service.startup_error is not None and stop_api is None:
         raise KronserveError(f"start-up failed: {service.startup_error}")

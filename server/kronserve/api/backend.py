@@ -22,7 +22,7 @@ class Backend(Protocol):
 
     async def stop(self) -> None: ...
 
-    def readiness(self) -> dict[str, object]:
+    async def readiness(self) -> dict[str, object]:
         """The `/readyz` body; raises NotReady (503) when requests would not be served."""
         ...
 

@@ -165,7 +165,7 @@ async def upload_adapter(
     ] = False,
 ) -> AdapterInfo:
     """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts."""
-    backend.readiness()  # refuse (503) before reading a large body we could not serve
+    await backend.readiness()  # refuse (503) before reading a large body we could not serve
     body = await _read_limited(request, backend.settings.max_upload_bytes)
     parts = await _file_parts(request, body)
     info = await backend.upload(task, parts)
@@ -244,7 +244,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=_errors(503))
 async def readyz(backend: BackendDep) -> JSONResponse:
-    return JSONResponse(backend.readiness())
+    return JSONResponse(await backend.readiness())
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

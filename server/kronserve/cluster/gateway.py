@@ -52,7 +52,7 @@ class ClusterBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
 
-    def readiness(self) -> dict[str, object]:
+    async def readiness(self) -> dict[str, object]:
         replicas = {name: "ready" if ok else "unavailable" for name, ok in self.up.items()}
         if not any(self.up.values()):
             raise NotReady(f"no replica is ready: {replicas}", retry_after=5)
