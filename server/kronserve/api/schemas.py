@@ -35,6 +35,7 @@ ErrorCode = Literal[
     "pin_refused",
     "store_error",
     "replica_unavailable",
+    "engine_restarting",
     "body_timeout",
     "client_closed",
     "unsupported_parameter",
