@@ -342,13 +342,13 @@ def test_a_sequence_whose_token_choice_fails_fails_alone(engine: Engine, tasks, 
 
 @pytest.mark.parametrize(
     "bound",
-    [{"rows": 2}, {"cached_tokens": 60}, {"pass_tokens": 20}],
-    ids=["max_batch_rows", "max_cached_tokens", "max_batch_tokens"],
+    [{"rows": 2}, {"cached_tokens": 60}, {"step_tokens": 20}],
+    ids=["max_batch_rows", "max_cached_tokens", "max_step_tokens"],
 )
 def test_admission_stops_at_each_bound(engine: Engine, tasks, bound: dict) -> None:
     """Three 2-row requests (each 2 × (9 input + 12 new) = 42 cached positions, 18 input tokens): under any one of
     the bounds one admission takes one request (the running bounds also keep the second out until the first leaves),
-    and every request is still answered correctly."""
+    and every request is still answered correctly (the step budget admits the next one at the next step)."""
     admitted: list[int] = []
     original = engine.prefill
     engine.prefill = lambda inputs, *a: (admitted.append(len(inputs)), original(inputs, *a))[1]  # type: ignore
@@ -363,7 +363,7 @@ def test_admission_stops_at_each_bound(engine: Engine, tasks, bound: dict) -> No
 
     out, metrics = asyncio.run(run())
     assert admitted == [2, 2, 2]  # one request per admission: the bound kept the others waiting
-    if "pass_tokens" not in bound:  # the running bounds: the second joins only once the first has left
+    if "step_tokens" not in bound:  # the running bounds: the second joins only once the first has left
         sample = metrics.registry.get_sample_value
         assert sample("kronserve_step_rows_sum") == 2 * sample("kronserve_step_rows_count")
     assert out == [[alone(engine, tasks[i], x, p) for x in ("12345678", "abcdefgh")] for i in range(3)]

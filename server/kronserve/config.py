@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+STEP_TOKENS = 512  # benchmarks/continuous.py's stall case chose it
+
 TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9._+-]{0,63}$"
 
 
@@ -34,7 +36,12 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(
         default=64, ge=1, description="running decoder rows (beams count one each); rows of one score pass"
     )
-    max_batch_tokens: int = Field(default=16384, ge=1, description="input tokens of one admission or score pass")
+    max_batch_tokens: int = Field(default=16384, ge=1, description="input and target tokens of one score pass")
+    max_step_tokens: int = Field(
+        default=STEP_TOKENS,
+        ge=1,
+        description="input tokens admitted between two decode steps (a longer input goes alone): bounds the stall",
+    )
     max_cached_tokens: int = Field(
         default=262144,
         ge=1,

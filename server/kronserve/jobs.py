@@ -48,13 +48,36 @@ class Job:
     params: GenerationParams | None  # predict requests (None: score)
     deadline: float  # time.monotonic() after which nobody waits for the answer
     future: asyncio.Future[Any]
-    admitted: float = field(default_factory=time.perf_counter)
+    accepted: float = field(default_factory=time.perf_counter)  # when the scheduler took it (queue wait from here)
     cancelled: bool = False  # the caller gave up (set on the event loop)
     failed: bool = False  # the engine answered it with an error while its other rows still ran
     stream: TokenStream | None = None
     slot: int | None = None  # its device slot while the engine holds it there (from admission to leaving)
+    next_input: int = 0  # inputs before this one are admitted (a request may be admitted over several steps)
+    outputs: list[list[int] | None] = field(default_factory=list)  # each input's tokens once its sequence is done
     _leased: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.inputs)
+
+    @property
+    def scoring(self) -> bool:
+        return self.params is None
+
+    @property
+    def adapter_key(self) -> Any:
+        return self.entry.key
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.packed.nbytes
+
+    def input_tokens(self, index: int) -> int:
+        return len(self.inputs[index])
+
+    def input_rows(self, index: int) -> int:
+        return self.params.num_beams if self.params else 1
 
     @property
     def rows(self) -> int:

@@ -1,21 +1,23 @@
-"""The step loop: one running batch on the device, advanced one token per step, rows joining and leaving.
+"""The step loop: one decode batch on the device, advanced one token per step, rows joining and leaving.
 
 One thread owns the model. Each turn it
 1. drops the rows of requests whose caller gave up (client gone, timeout) and frees their leases;
-2. admits waiting predict requests while the batch's row and cached-token bounds allow (one mixed-adapter
-   encoder pass plus their first decoder step; their first tokens come out here);
+2. admits what `admission.schedule` decides: inputs of waiting predict requests within the capacity bounds
+   and the step's encoder-token budget (a request may join over several steps), in one mixed-adapter
+   encoder pass plus their first decoder step (their first tokens come out here);
 3. runs one teacher-forced pass for waiting score requests, so scoring never waits for a generation;
 4. advances every running row by one decoder step (rows of any task and any settings together), picks
    each sequence's token (`decoding.py`) and answers the requests whose sequences are all done.
 A request leases its adapter version from acceptance until it leaves the loop, so a swap or delete in
 the middle of its generation changes nothing for it; from admission it also holds the version on the
-device, so its slot is neither evicted nor reused while a row reads it. Admission bounds the distinct
-adapters the running rows hold by the device budget, so a batch never needs more than the tier holds.
-A failure is confined to the requests it concerns: an admission or a score pass fails only its own
-requests, a sequence whose next token cannot be chosen fails only its request.
+device, so its slot is neither evicted nor reused while a row reads it.
 
-`static` mode is the engine before this loop (one HF `generate()` per batch of identical settings, no
-joining): kept as the baseline `benchmarks/continuous.py` measures against.
+A failure is confined to the requests it concerns, and every other row continues bit-identically:
+- an admission pass, or joining its rows to the batch, fails only the requests it was admitting;
+- a decode step that raises is undone and tried again per adapter group on copies of the batch: the
+  groups that still raise fail (their error names their task), the others step as if nothing happened;
+- a row whose logits are not finite (an adapter that overflows) fails its request, never a 200 with "";
+- a score pass fails only its own requests; a sequence whose next token cannot be chosen, its request.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .admission import Budget, DeviceRoom, Load, schedule
+from .batch import DecodeBatch, Member, spans
+from .config import STEP_TOKENS
 from .decoding import BeamSequence, Sequence, greedy_tokens
 from .engine import Engine
-from .errors import InvalidRequest, KronserveError
+from .errors import KronserveError
 from .jobs import Job, TokenStream
 from .messages import Output
 from .metrics import Metrics
@@ -45,62 +50,25 @@ GATHER_ROUNDS = 10
 @dataclass(frozen=True)
 class Bounds:
     rows: int  # running decoder rows (beams count one each)
-    pass_tokens: int  # input tokens of one admission or score pass
+    pass_tokens: int  # input tokens of one score pass
     cached_tokens: int  # running rows × (input + new tokens) the caches may reserve
     wait_s: float  # how long an idle loop waits for more requests before admitting
-
-
-class _DeviceRoom:
-    """The device budget during one `_take`: versions already held cost nothing more, a new one its bytes."""
-
-    def __init__(self, held: set, held_bytes: int, budget: int) -> None:
-        self.held, self.bytes, self.budget = set(held), held_bytes, budget
-
-    def cost(self, job: Job) -> int:
-        return 0 if job.entry.key in self.held else job.packed.nbytes
-
-    def fits(self, job: Job) -> bool:
-        return self.bytes + self.cost(job) <= self.budget
-
-    def take(self, job: Job) -> None:
-        self.bytes += self.cost(job)
-        self.held.add(job.entry.key)
-
-
-@dataclass
-class _Member:
-    """One input of one admitted request: its sequence and where its answer goes."""
-
-    job: Job
-    index: int
-    seq: Sequence | BeamSequence
-    reserved: int  # cached tokens it reserves (rows × (input + max new tokens))
-
-
-@dataclass
-class _Running:
-    batch: RunningBatch | None = None
-    members: list[_Member] = field(default_factory=list)  # in row order; each spans `seq.rows` rows
+    step_tokens: int = STEP_TOKENS  # encoder tokens admitted between two decode steps
 
     @property
-    def rows(self) -> int:
-        return self.batch.rows if self.batch is not None else 0
-
-    @property
-    def reserved(self) -> int:
-        return sum(m.reserved for m in self.members)
+    def budget(self) -> Budget:
+        return Budget(self.rows, self.cached_tokens, self.pass_tokens, self.step_tokens)
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, metrics: Metrics, bounds: Bounds, static: bool = False) -> None:
-        self.engine, self.metrics, self.bounds, self.static = engine, metrics, bounds, static
+    def __init__(self, engine: Engine, metrics: Metrics, bounds: Bounds) -> None:
+        self.engine, self.metrics, self.bounds = engine, metrics, bounds
         self.device = engine.backbone.device
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
-        self._running = _Running()
+        self._batch = DecodeBatch()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kronserve-engine", daemon=True)
-        self._outputs: dict[int, list[list[int] | None]] = {}  # id(job) -> each input's tokens once done
         self.busy = False
 
     # ---- called from the event loop ---------------------------------------------------------------
@@ -122,7 +90,7 @@ class DecodeLoop:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._running.members and not self.busy
+        return not self._waiting and not self._batch and not self.busy
 
     def stop(self) -> None:
         with self._cv:
@@ -134,11 +102,11 @@ class DecodeLoop:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running.members and not self._stopping:
+                while not self._waiting and not self._batch and not self._stopping:
                     self._cv.wait()
                 if self._stopping:
                     break
-                idle = not self._running.members
+                idle = not self._batch
             if idle:
                 self._gather()
             self.busy = True
@@ -164,125 +132,144 @@ class DecodeLoop:
     def _turn(self) -> None:
         self._drop_cancelled()
         self._end_stopped()
-        generate, score = self._take()
-        if self.static:
-            self._run_static(generate)
-        else:
-            self._admit(generate)
+        admit, score = self._take()
+        self._admit(admit)
         if score:
             self._score(score)
-        if self._running.members:
+        if self._batch:
             self._step()
         self.metrics.queue_depth.set(len(self._waiting))
 
-    def _take(self) -> tuple[list[Job], list[Job]]:
-        """Waiting jobs this turn serves: predict jobs FIFO while the bounds allow, one bounded score pass."""
-        b, now = self.bounds, time.monotonic()
-        rows, reserved, tokens = self._running.rows, self._running.reserved, 0
-        generate: list[Job] = []
-        score: list[Job] = []
-        score_rows = score_tokens = 0
-        blocked = self.static and bool(self._running.members)
-        room = _DeviceRoom(*self.engine.device.leased())
+    def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
+        """This turn's (request, first input, count) admissions and score requests, taken off the queue."""
+        room = DeviceRoom(*self.engine.device.leased())
+        load = Load(self._batch.rows, self._batch.reserved)
         with self._cv:
-            for job in list(self._waiting):
-                if job.cancelled or job.deadline <= now:
-                    self._waiting.remove(job)
-                    self._drop(job, "queued")
-                    continue
-                if job.params is None:  # a score request
-                    first = not score
-                    fits = score_rows + job.rows <= b.rows and score_tokens + job.tokens <= b.pass_tokens
-                    if first or (fits and room.fits(job)):
-                        self._waiting.remove(job)
-                        room.take(job)
-                        score.append(job)
-                        score_rows, score_tokens = score_rows + job.rows, score_tokens + job.tokens
-                    continue
-                if blocked:
-                    continue
-                if self.static and generate and job.params != generate[0].params:
-                    continue
-                empty = rows == 0
-                fits = rows + job.rows <= b.rows and reserved + job.reserved <= b.cached_tokens
-                fits = fits and tokens + job.tokens <= b.pass_tokens and room.fits(job)
-                if not (empty or fits):
-                    blocked = not self.static  # strict FIFO for predict jobs: a big request is not starved
-                    continue
+            decided = schedule(list(self._waiting), load, self.bounds.budget, room, time.monotonic())
+            for job in decided.expired:
                 self._waiting.remove(job)
-                room.take(job)
-                generate.append(job)
-                rows, reserved, tokens = rows + job.rows, reserved + job.reserved, tokens + job.tokens
-        return generate, score
+                if job.next_input == 0 and not job.failed:  # else its running rows answer for it
+                    self._drop(job, "queued")  # type: ignore[arg-type]
+            admit: list[tuple[Job, int, int]] = []
+            for job, count in decided.admit:
+                admit.append((job, job.next_input, count))  # type: ignore[arg-type]
+                job.next_input += count
+                if job.next_input == len(job.inputs):
+                    self._waiting.remove(job)
+            for job in decided.score:
+                self._waiting.remove(job)
+        return admit, decided.score  # type: ignore[return-value]
 
     # ---- admission -----------------------------------------------------------------------------
-    def _admit(self, jobs: list[Job]) -> None:
-        self.metrics.step_admissions.observe(len(jobs))
-        if not jobs:
+    def _admit(self, admit: list[tuple[Job, int, int]]) -> None:
+        self.metrics.step_admissions.observe(len(admit))
+        if not admit:
             return
+        jobs = [job for job, _, _ in admit]
         started = time.perf_counter()
-        self._observe_pass(jobs, started)
+        members = [self._member(job, i) for job, first, n in admit for i in range(first, first + n)]
+        inputs = [m.job.inputs[m.index] for m in members]
+        self._observe_pass(jobs, [job for job, first, _ in admit if first == 0], inputs, started)
         try:
             self._hold(jobs)
-            inputs = [ids for j in jobs for ids in j.inputs]
-            slots = [j.slot for j in jobs for _ in j.inputs]
-            members = [self._member(j, i) for j in jobs for i in range(len(j.inputs))]
-            pre = self.engine.prefill(inputs, slots, [m.seq.rows for m in members])
-            next_tokens = self._choose(pre.logits, members, pre.batch)
-        except Exception as e:
+            slots = [m.job.slot for m in members]
+            pre = self.engine.prefill(inputs, slots, [m.seq.rows for m in members])  # type: ignore[arg-type]
+            pre.batch.next_tokens = self._choose(pre.logits, members, pre.batch)
+            self._batch.join(pre.batch, members)
+        except Exception as e:  # the joiners alone: the running rows are as they were
+            log.error("admitting %d requests failed: %s", len(jobs), e)
             for job in jobs:
-                self._finish_error(job, e)
+                self._fail_job(job, e)
+            self._leave()  # rows that joined in earlier steps leave with their request
             return
         now = time.perf_counter()
         self.metrics.engine_time.labels("generate").observe(now - started)
-        for job in jobs:
-            self.metrics.time_to_first_token.observe(now - job.admitted)
-        pre.batch.next_tokens = next_tokens
+        for job, first, _ in admit:
+            if first == 0:
+                self.metrics.time_to_first_token.observe(now - job.accepted)
         self._publish(members)
-        self._merge(pre.batch, members)
+        self._leave()
 
-    def _member(self, job: Job, index: int) -> _Member:
+    def _member(self, job: Job, index: int) -> Member:
         assert job.params is not None
         p = job.params
         seq = BeamSequence(p, self.engine.vocab) if p.num_beams > 1 else Sequence(p, self.engine.vocab, self.device)
-        return _Member(job, index, seq, job.reserved_by(index))
-
-    def _merge(self, batch: RunningBatch, members: list[_Member]) -> None:
-        running = self._running
-        if running.batch is None:
-            running.batch, running.members = batch, members
-        else:
-            running.batch.concatenate(batch)
-            running.members = running.members + members
-        self._leave()
+        return Member(job, index, seq, job.reserved_by(index))
 
     # ---- a decode step ---------------------------------------------------------------------------
     def _step(self) -> None:
-        running = self._running
-        assert running.batch is not None
+        batch = self._batch
+        assert batch.tensors is not None
         started = time.perf_counter()
-        self.metrics.step_rows.observe(running.rows)
-        self.metrics.step_tasks.observe(len({m.job.entry.task for m in running.members}))
-        logits = self.engine.step(running.batch)
-        running.batch.next_tokens = self._choose(logits, running.members, running.batch)
-        self._publish(running.members)
+        self.metrics.step_rows.observe(batch.rows)
+        self.metrics.step_tasks.observe(len({m.job.entry.task for m in batch.members}))
+        logits = self._forward(batch)
+        if logits is None:
+            return
+        assert batch.tensors is not None
+        batch.tensors.next_tokens = self._choose(logits, batch.members, batch.tensors)
+        self._publish(batch.members)
         elapsed = time.perf_counter() - started
         self.metrics.step_seconds.observe(elapsed)
-        for _ in {id(m.job) for m in running.members}:
+        for _ in {id(m.job) for m in batch.members}:
             self.metrics.inter_token.observe(elapsed)
         self._leave()
 
-    def _choose(self, logits: torch.Tensor, members: list[_Member], batch: RunningBatch) -> torch.Tensor:
+    def _forward(self, batch: DecodeBatch) -> torch.Tensor | None:
+        """One decoder step's logits [R, V]; if it raises, the adapter groups that still raise alone fail and the
+        step runs again without them (None when no row is left)."""
+        assert batch.tensors is not None
+        try:
+            return self.engine.step(batch.tensors)
+        except Exception as e:
+            batch.tensors.undo_partial_step()
+            error = e
+        culprits = self._culprits(batch)
+        if not culprits:  # nothing fails alone: the step itself is broken
+            raise error
+        for m in batch.members:
+            if m.job.slot in culprits:
+                task = m.job.entry.task
+                self._fail_job(
+                    m.job,
+                    KronserveError(f"the adapter of task {task!r} failed in a decode step: {culprits[m.job.slot]}"),
+                )
+        self._leave()
+        return self._forward(batch) if batch else None
+
+    def _culprits(self, batch: DecodeBatch) -> dict[int | None, str]:
+        """Each adapter group (device slot) whose rows alone still fail a step, with its error (on copies)."""
+        found: dict[int | None, str] = {}
+        for slot in {m.job.slot for m in batch.members}:
+            probe = batch.probe(lambda m, s=slot: m.job.slot == s)
+            try:
+                self.engine.step(probe)
+            except Exception as e:
+                log.error("adapter in device slot %s fails a decode step: %s", slot, e)
+                found[slot] = f"{type(e).__name__}: {e}"
+        return found
+
+    def _choose(self, logits: torch.Tensor, members: list[Member], batch: RunningBatch) -> torch.Tensor:
         """Every member's next tokens [R] (device); beam members also reorder their rows' caches."""
         tokens: list[int] = [0] * batch.rows
         order = list(range(batch.rows))
         greedy: list[tuple[int, Sequence]] = []
-        row = 0
-        for m in members:
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for row, m in spans(members):
             seq = m.seq
-            if isinstance(seq, Sequence) and not seq.params.sampling:
+            if m.job.failed:
+                continue
+            if not all(finite[row : row + seq.rows]):
+                self._fail_job(
+                    m.job,
+                    KronserveError(
+                        f"the adapter of task {m.job.entry.task!r} produced non-finite values (NaN or inf) in its "
+                        "logits"
+                    ),
+                )
+            elif isinstance(seq, Sequence) and not seq.params.sampling:
                 greedy.append((row, seq))
-            elif not m.job.failed:
+            else:
                 try:
                     choice = seq.choose(logits[row : row + seq.rows].clone())
                 except Exception as e:  # this sequence's request alone fails; its rows leave below
@@ -292,7 +279,6 @@ class DecodeLoop:
                     tokens[row : row + seq.rows] = choice.tokens
                     if choice.order is not None:
                         order[row : row + seq.rows] = [row + i for i in choice.order]
-            row += seq.rows
         if greedy:
             rows = [r for r, _ in greedy]
             picked = greedy_tokens(logits[rows], [s for _, s in greedy])
@@ -304,7 +290,7 @@ class DecodeLoop:
         return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
     @staticmethod
-    def _publish(members: list[_Member]) -> None:
+    def _publish(members: list[Member]) -> None:
         """Each streamed one-row sequence's new token, handed over once per request (beams have no token to stream
         until they end)."""
         step: dict[int, tuple[TokenStream, list[tuple[int, int]]]] = {}
@@ -315,37 +301,16 @@ class DecodeLoop:
             stream.push(pairs)
 
     def _leave(self) -> None:
-        """Answer the requests whose sequences are all done; their rows leave the batch."""
-        running = self._running
-        keep_rows: list[int] = []
-        kept: list[_Member] = []
-        row = 0
-        for m in running.members:
-            if m.job.failed:
-                pass  # answered with its error already
-            elif m.seq.done:
+        """Answer the requests whose sequences are all done; their rows (and failed requests' rows) leave."""
+        for m in self._batch.keep(lambda m: not m.job.failed and not m.seq.done):
+            if not m.job.failed:
                 self._sequence_done(m)
-            else:
-                keep_rows.extend(range(row, row + m.seq.rows))
-                kept.append(m)
-            row += m.seq.rows
-        self._shrink(keep_rows, kept)
 
-    def _shrink(self, keep_rows: list[int], kept: list[_Member]) -> None:
-        running = self._running
-        if not kept:
-            running.batch, running.members = None, []
-        elif len(kept) != len(running.members):
-            assert running.batch is not None
-            running.batch.filter(keep_rows)
-            running.members = kept
-
-    def _sequence_done(self, m: _Member) -> None:
-        outputs = self._outputs.setdefault(id(m.job), [None] * len(m.job.inputs))
-        outputs[m.index] = m.seq.output()
-        if all(o is not None for o in outputs):
-            del self._outputs[id(m.job)]
-            self._answer(m.job, [o for o in outputs if o is not None])
+    def _sequence_done(self, m: Member) -> None:
+        job = m.job
+        job.outputs[m.index] = m.seq.output()
+        if all(o is not None for o in job.outputs):
+            self._answer(job, [o for o in job.outputs if o is not None])
 
     def _answer(self, job: Job, ids: list[list[int]]) -> None:
         """Token ids out (the text side decodes them)."""
@@ -360,30 +325,17 @@ class DecodeLoop:
     # ---- cancellation and failure ------------------------------------------------------------------
     def _end_stopped(self) -> None:
         """Sequences whose stream saw a stop string end now, with the tokens they have."""
-        stopped = [m for m in self._running.members if m.job.stream is not None and m.index in m.job.stream.stopped]
+        stopped = [m for m in self._batch.members if m.job.stream is not None and m.index in m.job.stream.stopped]
         for m in stopped:
             m.seq.done = True
         if stopped:
             self._leave()
 
     def _drop_cancelled(self) -> None:
-        running = self._running
-        if not any(m.job.cancelled for m in running.members):
+        if not any(m.job.cancelled for m in self._batch.members):
             return
-        keep_rows: list[int] = []
-        kept: list[_Member] = []
-        dropped: dict[int, Job] = {}
-        row = 0
-        for m in running.members:
-            if m.job.cancelled:
-                dropped[id(m.job)] = m.job
-            else:
-                keep_rows.extend(range(row, row + m.seq.rows))
-                kept.append(m)
-            row += m.seq.rows
-        self._shrink(keep_rows, kept)
-        for job in dropped.values():
-            self._outputs.pop(id(job), None)
+        gone = self._batch.keep(lambda m: not m.job.cancelled)
+        for job in {id(m.job): m.job for m in gone}.values():
             self._drop(job, "running")
 
     def _drop(self, job: Job, stage: str) -> None:
@@ -392,13 +344,11 @@ class DecodeLoop:
 
     def _fail_job(self, job: Job, error: Exception) -> None:
         job.failed = True
-        self._outputs.pop(id(job), None)
         self._finish_error(job, error)
 
     def _fail_running(self, error: Exception) -> None:
-        members, self._running = self._running.members, _Running()
+        members, self._batch = self._batch.members, DecodeBatch()
         for job in {id(m.job): m.job for m in members}.values():
-            self._outputs.pop(id(job), None)
             self._finish_error(job, error)
 
     def _finish(self, job: Job, values: list) -> None:
@@ -423,26 +373,12 @@ class DecodeLoop:
             for job, slot in zip(wanted, slots, strict=True):
                 job.slot = slot
 
-    # ---- score passes and the static baseline -----------------------------------------------------
+    # ---- score passes ----------------------------------------------------------------------------
     def _score(self, jobs: list[Job]) -> None:
         targets = [ids for j in jobs for ids in (j.targets or [])]
         self._whole_pass(
             jobs, "score", lambda slots, inputs: self.engine.score_ids(slots, inputs, targets), self._finish
         )
-
-    def _run_static(self, jobs: list[Job]) -> None:
-        """The baseline: the whole batch in one HF `generate()`; nothing joins until it ends."""
-        if not jobs:
-            return
-        p = jobs[0].params
-        assert p is not None
-
-        def generate(slots: list[int], inputs: list[list[int]]) -> list[list[int]]:
-            if p.sampling:
-                raise InvalidRequest("sampling (temperature > 0) needs KRONSERVE_BATCHING=continuous")
-            return self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)
-
-        self._whole_pass(jobs, "generate", generate, self._answer)
 
     def _whole_pass(
         self,
@@ -454,10 +390,10 @@ class DecodeLoop:
         """One forward computation over every input of `jobs` (slots, token ids -> a value per input); each job
         gets its own values, or, if the pass fails, the error."""
         started = time.perf_counter()
-        self._observe_pass(jobs, started)
+        self._observe_pass(jobs, jobs, [ids for j in jobs for ids in j.inputs], started)
         try:
             self._hold(jobs)
-            values = compute([j.slot for j in jobs for _ in j.inputs], [ids for j in jobs for ids in j.inputs])
+            values = compute([j.slot for j in jobs for _ in j.inputs], [ids for j in jobs for ids in j.inputs])  # type: ignore[misc]
         except Exception as e:
             for job in jobs:
                 self._finish_error(job, e)
@@ -468,9 +404,10 @@ class DecodeLoop:
             deliver(job, values[start : start + len(job.inputs)])
             start += len(job.inputs)
 
-    def _observe_pass(self, jobs: list[Job], started: float) -> None:
-        for job in jobs:
-            self.metrics.queue_wait.observe(started - job.admitted)
-        self.metrics.input_tokens.inc(sum(len(ids) for j in jobs for ids in j.inputs))
-        self.metrics.batch_rows.observe(sum(len(j.inputs) for j in jobs))
+    def _observe_pass(self, jobs: list[Job], first: list[Job], inputs: list[list[int]], started: float) -> None:
+        """One pass encoding `inputs` of `jobs`; it starts `first` (their queue wait ends here)."""
+        for job in first:
+            self.metrics.queue_wait.observe(started - job.accepted)
+        self.metrics.input_tokens.inc(sum(map(len, inputs)))
+        self.metrics.batch_rows.observe(len(inputs))
         self.metrics.batch_tasks.observe(len({j.entry.task for j in jobs}))

@@ -31,23 +31,45 @@ class RunningBatch:
         return len(self.slots)
 
     def concatenate(self, other: RunningBatch) -> None:
-        """Append `other`'s rows (after this batch's), padding both sides' caches to common lengths."""
+        """Append `other`'s rows (after this batch's), padding both sides' caches to common lengths.
+
+        Atomic: every joined tensor is built before any is assigned, so if one cannot be (out of memory), this
+        batch is unchanged and only `other`'s rows are lost."""
         t = max(self.decoder_mask.shape[1], other.decoder_mask.shape[1])
         s = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
-        for mine, theirs in zip(
-            _layers(self.cache.self_attention_cache), _layers(other.cache.self_attention_cache), strict=True
-        ):
-            mine.keys = torch.cat([_pad_left(mine.keys, t), _pad_left(theirs.keys, t)])
-            mine.values = torch.cat([_pad_left(mine.values, t), _pad_left(theirs.values, t)])
-        for mine, theirs in zip(
-            _layers(self.cache.cross_attention_cache), _layers(other.cache.cross_attention_cache), strict=True
-        ):
-            mine.keys = torch.cat([_pad_right(mine.keys, s), _pad_right(theirs.keys, s)])
-            mine.values = torch.cat([_pad_right(mine.values, s), _pad_right(theirs.values, s)])
-        self.decoder_mask = torch.cat([_pad_left(self.decoder_mask, t, 1), _pad_left(other.decoder_mask, t, 1)])
-        self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, s, 1), _pad_right(other.encoder_mask, s, 1)])
-        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        mine_self, theirs_self = _layers(self.cache.self_attention_cache), _layers(other.cache.self_attention_cache)
+        mine_cross, theirs_cross = _layers(self.cache.cross_attention_cache), _layers(other.cache.cross_attention_cache)
+        joined_self = [
+            (
+                torch.cat([_pad_left(a.keys, t), _pad_left(b.keys, t)]),
+                torch.cat([_pad_left(a.values, t), _pad_left(b.values, t)]),
+            )
+            for a, b in zip(mine_self, theirs_self, strict=True)
+        ]
+        joined_cross = [
+            (
+                torch.cat([_pad_right(a.keys, s), _pad_right(b.keys, s)]),
+                torch.cat([_pad_right(a.values, s), _pad_right(b.values, s)]),
+            )
+            for a, b in zip(mine_cross, theirs_cross, strict=True)
+        ]
+        decoder_mask = torch.cat([_pad_left(self.decoder_mask, t, 1), _pad_left(other.decoder_mask, t, 1)])
+        encoder_mask = torch.cat([_pad_right(self.encoder_mask, s, 1), _pad_right(other.encoder_mask, s, 1)])
+        next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        for layer, (keys, values) in zip(mine_self, joined_self, strict=True):
+            layer.keys, layer.values = keys, values
+        for layer, (keys, values) in zip(mine_cross, joined_cross, strict=True):
+            layer.keys, layer.values = keys, values
+        self.decoder_mask, self.encoder_mask, self.next_tokens = decoder_mask, encoder_mask, next_tokens
         self.slots = self.slots + other.slots
+
+    def undo_partial_step(self) -> None:
+        """After a decoder step that raised: drop the position it appended to the layers it reached, so every
+        layer's cache is again as long as `decoder_mask` (the step is then retried or its rows leave)."""
+        width = self.decoder_mask.shape[1]
+        for layer in _layers(self.cache.self_attention_cache):
+            if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[2] > width:
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
     def filter(self, keep: list[int]) -> None:
         """Keep only rows `keep` (in that order), then drop columns that are padding on every kept row."""

@@ -21,6 +21,7 @@ from .loop import Bounds, DecodeLoop
 from .messages import GenerationParams
 from .metrics import Metrics
 from .registry import Entry
+from .static_loop import StaticLoop
 
 
 class Scheduler:
@@ -35,7 +36,7 @@ class Scheduler:
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.queue_size, self.timeout_s = queue_size, timeout_s
-        self.loop = DecodeLoop(engine, metrics, bounds, static)
+        self.loop = (StaticLoop if static else DecodeLoop)(engine, metrics, bounds)
         self._accepting = False
 
     @property

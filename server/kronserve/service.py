@@ -78,7 +78,9 @@ class Service(TextFront):
             log.exception("start-up failed")
             raise
         s = self.settings
-        bounds = Bounds(s.max_batch_rows, s.max_batch_tokens, s.max_cached_tokens, s.batch_wait_ms / 1000)
+        bounds = Bounds(
+            s.max_batch_rows, s.max_batch_tokens, s.max_cached_tokens, s.batch_wait_ms / 1000, s.max_step_tokens
+        )
         scheduler = Scheduler(
             engine, self.metrics, bounds, s.queue_size, s.request_timeout_s, static=s.batching == "static"
         )

@@ -29,7 +29,8 @@ _WHEN = {
     413: "payload_too_large: the body is over max_upload_bytes",
     415: "unsupported_format: the file is not an adapter format (a pickle, a zip, text...)",
     422: "validation_error / invalid_request: schema or limits; invalid_adapter, invalid_spec, backbone_mismatch",
-    503: "overloaded, not_ready, timeout, bank_full, store_error, replica_unavailable, engine_restarting: retry after Retry-After",
+    503: "overloaded, not_ready, timeout, bank_full, store_error, replica_unavailable, engine_restarting: "
+    "retry after Retry-After",
 }
 
 
