@@ -86,7 +86,8 @@ class DecodeLoop:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not started yet (one admitted over several steps has started: it no longer counts)."""
+        return sum(1 for job in list(self._waiting) if job.next_input == 0)
 
     @property
     def idle(self) -> bool:
@@ -138,7 +139,7 @@ class DecodeLoop:
             self._score(score)
         if self._batch:
             self._step()
-        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.queue_depth.set(self.waiting)
 
     def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
         """This turn's (request, first input, count) admissions and score requests, taken off the queue."""

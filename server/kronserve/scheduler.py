@@ -72,7 +72,7 @@ class Scheduler:
         Takes over the caller's lease on `entry`: it is released when the request leaves the engine, or here if
         it is refused. With `stream`, the engine also pushes each input's tokens as it picks them.
         """
-        refused = self._refusal()
+        refused = self.refusal()
         if refused is not None:
             self.engine.registry.release([entry])
             raise refused
@@ -84,7 +84,7 @@ class Scheduler:
         job = Job(
             entry, packed, inputs, targets, params, time.monotonic() + self.timeout_s, self._future(), stream=stream
         )
-        refused = self._refusal()
+        refused = self.refusal()
         if refused is not None:
             self._release(job)
             raise refused
@@ -114,10 +114,12 @@ class Scheduler:
         """`accept` then `wait`."""
         return await self.wait(await self.accept(entry, inputs, targets, params, stream))
 
-    def _refusal(self) -> KronserveError | None:
+    def refusal(self, arriving: int = 0) -> KronserveError | None:
+        """Why a new request would be refused now (None: it would be queued); `arriving` requests are on their way
+        into the queue already and count as queued."""
         if not self._accepting:
             return NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
-        if self.loop.waiting >= self.queue_size:
+        if self.loop.waiting + arriving >= self.queue_size:
             return Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
         return None
 

@@ -18,7 +18,7 @@ class StaticLoop(DecodeLoop):
             self._run_static(generate)
         if score:
             self._score(score)
-        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.queue_depth.set(self.waiting)
 
     def _take_static(self) -> tuple[list[Job], list[Job]]:
         """Whole requests FIFO: one score pass, and predict requests with the first one's settings while the row and

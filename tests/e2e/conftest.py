@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 MODES = ["single", "cluster"]
@@ -59,6 +73,21 @@ class Server:
                 pass
             time.sleep(0.1)
         raise TimeoutError(self.log.read_text())
+
+    @property
+    def engine_pid(self) -> int:
+        """The engine process (`kronserve serve` forks it from its forkserver: the server's grandchild)."""
+        assert self.proc is not None
+        (pid,) = (g for child in children(self.proc.pid) for g in children(child))
+        return pid
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its engine process together (Linux)."""
+        total = 0
+        for pid in (self.proc.pid if self.proc else 0, self.engine_pid):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+        return total
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -170,16 +170,6 @@ def metric(url: str, name: str, **labels: str) -> float:
     return metric_samples(url).get((name, frozenset(labels.items())), 0.0)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (Linux), from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            value, unit = line.split()[1:3]
-            assert unit == "kB", line
-            return int(value) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 @pytest.fixture(scope="package")
 def other_payload(other_tiny_dir: Path) -> Payload:
     """Native adapter files made for another backbone of the same shape (a server on tiny_dir must refuse them)."""

@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 
 from ..e2e.conftest import Server
-from .conftest import TIMEOUT, Payload, error_code, metric, rss_bytes
+from .conftest import TIMEOUT, Payload, error_code, metric
 
 TENSORS = 100_000
 AT_ONCE = 8
@@ -87,7 +87,7 @@ def test_a_hundred_thousand_tensors_are_refused_from_the_header_in_milliseconds(
     s = quiet_server
     assert s.proc is not None
     refuse(s.url, many_tensors)  # once first, so one-off allocations (buffers, imports) are not counted as growth
-    rss_before = rss_bytes(s.proc.pid)
+    rss_before = s.rss_bytes()
 
     with HealthPoller(s.url) as one_by_one:
         seconds_before = server_seconds(s.url)
@@ -96,10 +96,10 @@ def test_a_hundred_thousand_tensors_are_refused_from_the_header_in_milliseconds(
         seconds_before = server_seconds(s.url)
         answers += [refuse(s.url, many_tensors, multipart=True) for _ in range(AT_ONCE)]
         per_form_refusal = (server_seconds(s.url) - seconds_before) / AT_ONCE
-    growth_one_by_one = rss_bytes(s.proc.pid) - rss_before
+    growth_one_by_one = s.rss_bytes() - rss_before
     with HealthPoller(s.url) as at_once, ThreadPoolExecutor(AT_ONCE) as pool:
         answers += list(pool.map(lambda _: refuse(s.url, many_tensors), range(AT_ONCE)))
-    growth_at_once = rss_bytes(s.proc.pid) - rss_before
+    growth_at_once = s.rss_bytes() - rss_before
 
     for r in answers:
         assert r.status_code == 422 and error_code(r) == "invalid_adapter", r.text

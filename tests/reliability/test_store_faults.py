@@ -122,7 +122,7 @@ def test_a_store_failing_at_any_step_leaves_the_old_or_the_new_state(
                 old = (1, hashlib.sha256(v1).hexdigest())
             new = {"new task": (1, hashlib.sha256(v2).hexdigest()), "new version": (2, hashlib.sha256(v2).hexdigest())}
             assert s.proc is not None
-            with fault(step, store, task, s.proc.pid):
+            with fault(step, store, task, s.engine_pid):
                 if operation == "delete":
                     r = httpx.delete(f"{s.url}/v1/adapters/{task}", timeout=TIMEOUT)
                 else:

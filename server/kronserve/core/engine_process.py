@@ -95,6 +95,7 @@ class EngineCore:
         self.service, self.socket, self.generation = service, socket, generation
         self.tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self.runs: dict[tuple[bytes, int], Run] = {}
+        self.arriving = 0  # requests received and not yet queued (or refused) by the scheduler
 
     async def serve(self) -> None:
         while True:
@@ -104,7 +105,7 @@ class EngineCore:
                 continue  # sent to the engine before this one; its sender was answered when that one died
             key = (peer, rid)
             if kind == "add":
-                self._start(key, self._add(peer, rid, body))
+                await self._add_or_refuse(key, peer, rid, body)
             elif kind == "call":
                 self._start(key, self._call(peer, rid, *body))
             elif kind == "stop" and (run := self.runs.get(key)) is not None:
@@ -120,17 +121,32 @@ class EngineCore:
     async def _send(self, peer: bytes, *fields: Any) -> None:
         await self.socket.send_multipart([peer, wire.pack(*fields)])
 
+    async def _add_or_refuse(self, key: tuple[bytes, int], peer: bytes, rid: int, body: dict[str, Any]) -> None:
+        """A full queue refuses here, as each request arrives and in arrival order, before any work is spent on it."""
+        try:
+            refused = self.service.scheduler.refusal(self.arriving)
+        except KronserveError as e:  # draining
+            refused = e
+        if refused is not None:
+            await self._send(peer, "error", rid, wire.error_out(refused))
+            return
+        self.arriving += 1
+        self._start(key, self._add(peer, rid, body))
+
     async def _add(self, peer: bytes, rid: int, body: dict[str, Any]) -> None:
         run: Run | None = None
         try:
-            run = await self.service.open_run(
-                body["task"],
-                body["inputs"],
-                body["targets"],
-                wire.params_in(body["params"]),
-                wire.pin_in(body["pin"]),
-                body["stream"],
-            )
+            try:
+                run = await self.service.open_run(
+                    body["task"],
+                    body["inputs"],
+                    body["targets"],
+                    wire.params_in(body["params"]),
+                    wire.pin_in(body["pin"]),
+                    body["stream"],
+                )
+            finally:
+                self.arriving -= 1
             self.runs[(peer, rid)] = run
             s = run.started
             if body["stream"]:
