@@ -153,3 +153,43 @@ def test_a_mixed_batch_on_cuda_generates_what_each_request_generates_alone(tiny_
     inputs = [f"input number {i}" for i in range(len(tasks))]
     alone = [engine.generate([t], [x], max_new_tokens=6).token_ids[0] for t, x in zip(tasks, inputs, strict=True)]
     assert engine.generate(tasks, inputs, max_new_tokens=6).token_ids == alone
+
+
+def test_pins_from_many_threads_never_exceed_the_budget_the_step_loop_is_their_one_writer(backbone) -> None:
+    """Twelve threads pin six tasks at once while a step loop owns the device: each check and its pin run together
+    on the loop's thread, so exactly two (the budget's room) succeed and the others are refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kronserve.loop import Bounds, DecodeLoop
+    from kronserve.metrics import Metrics
+
+    engine, size = lru_engine(backbone, adapters=2)
+    loop = DecodeLoop(engine, Metrics(), Bounds(rows=8, pass_tokens=1000, cached_tokens=10_000, wait_s=0))
+    loop.start()
+
+    def pin(task: str) -> bool:
+        try:
+            engine.pin(task)
+            return True
+        except PinRefused:
+            return False
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            pinned = list(pool.map(pin, [f"t{i % 6}" for i in range(12)]))
+    finally:
+        loop.stop()
+    assert len({f"t{i % 6}" for i, ok in enumerate(pinned) if ok}) == 2
+    assert engine.device.pinned_bytes() == 2 * size <= engine.device.budget
+
+
+def test_a_pin_whose_weights_cannot_be_read_is_not_recorded(backbone, monkeypatch) -> None:
+    engine, _ = lru_engine(backbone, adapters=2)
+
+    def unreadable(entry):
+        raise OSError("the store lost the file")
+
+    monkeypatch.setattr(engine.registry, "fetch", unreadable)
+    with pytest.raises(OSError):
+        engine.pin("t0")
+    assert not engine.device.pinned("t0") and engine.device.pinned_bytes() == 0

@@ -6,16 +6,16 @@ Two ways to decode, on the same sites, device tier and Route:
 - `generate`: one Hugging Face `generate()` call for a whole batch; the independent reference the step
   loop is tested against, and the `static` batching mode the continuous loop is measured against.
 The engine takes token ids or strings and nothing from HTTP, so the loop, a benchmark or a Ray Serve
-replica call it directly. Forward passes are serialized (one model, one plan at a time).
+replica call it directly. Forward passes and device-memory changes run on one thread (`owner`).
 """
 
 from __future__ import annotations
 
 import inspect
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,10 @@ class Engine:
         self.router = install_sites(model, self.geometry)
         self.registry = Registry(self.device, self.host, fp, store, metrics, max_adapters)
         self.registry.on_new_version = self._keep_pinned
-        self._forward_lock = threading.Lock()
+        # How work on device memory and forward passes reaches the one thread that owns them: the step loop sets it
+        # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
+        self.owner: Callable[[Callable[[], Any]], Any] = _in_place
+        self.registry.on_drop = lambda key: self.owner(lambda: self.device.drop(key))
         tok, gen = backbone.tokenizer, model.generation_config
         self.pad_id = tok.pad_token_id
         self.vocab = Vocabulary(
@@ -111,11 +114,10 @@ class Engine:
         """Lease each version on the device (loading the missing ones from their packed form): its slot, or
         BARE for None. Runs between forward passes; `release` must follow."""
         wants = [None if e is None or c is None else (e.key, e.task, c) for e, c in zip(entries, packed, strict=True)]
-        with self._forward_lock:
-            return self.device.hold(wants)
+        return self.owner(lambda: self.device.hold(wants))
 
     def release(self, slots: Sequence[int]) -> None:
-        self.device.release(slots)
+        self.owner(lambda: self.device.release(slots))
 
     @contextmanager
     def resident(self, tasks: Sequence[str | None]) -> Iterator[tuple[list[Entry | None], list[int]]]:
@@ -131,8 +133,14 @@ class Engine:
     def pin(self, task: str) -> None:
         """Keep `task` on the device, never evicted: loaded now if registered (and at each new version).
 
-        Refused (PinRefused) when the pinned adapters would need more than the device budget."""
+        Refused (PinRefused) when the pinned adapters would need more than the device budget. The weights are read
+        first (a damaged file refuses the pin before it is recorded); the budget check and the pin then run together
+        on the owning thread, so concurrent pins cannot both pass it."""
         entry = self.registry.peek(task)
+        packed = None if entry is None else self.registry.fetch(entry)
+        self.owner(lambda: self._pin(task, entry, packed))
+
+    def _pin(self, task: str, entry: Entry | None, packed: Compact | None) -> None:
         if entry is not None and not self.device.pinned(task):
             size = packed_bytes(entry.spec, self.geometry, self.device.dtype)
             pinned = self.device.pinned_bytes()
@@ -142,16 +150,18 @@ class Engine:
                     f"the device budget is {self.device.budget} (device_adapter_mb)"
                 )
         self.device.pin(task)
-        if entry is not None:
-            self._keep_pinned(entry)
+        if entry is not None and packed is not None:
+            self.device.release(self.device.hold([(entry.key, entry.task, packed)]))
 
     def unpin(self, task: str) -> None:
         """Back to LRU: the task stays on the device until evicted."""
-        self.device.unpin(task)
+        self.owner(lambda: self.device.unpin(task))
 
     def _keep_pinned(self, entry: Entry) -> None:
+        """A pinned task's new version goes to the device at once."""
         if self.device.pinned(entry.task):
-            self.release(self.hold([entry], [self.registry.fetch(entry)]))
+            packed = self.registry.fetch(entry)
+            self.owner(lambda: self.device.release(self.device.hold([(entry.key, entry.task, packed)])))
 
     def where(self, entry: Entry) -> dict[str, object]:
         """Where the version's weights are, and what they cost there (GET /v1/adapters/{task})."""
@@ -174,9 +184,14 @@ class Engine:
     ) -> Generated:
         """Greedy (num_beams=1) or beam-search outputs, one per row, each through its task's adapter."""
         _same_length(tasks, inputs, "inputs")
-        with self.resident(tasks) as (entries, slots):
-            ids = self.generate_ids(slots, self.tokenize(inputs), max_new_tokens, num_beams, min_new_tokens)
-        return Generated([self.decode(row) for row in ids], ids, list(entries))
+        ids_in = self.tokenize(inputs)
+
+        def run() -> Generated:
+            with self.resident(tasks) as (entries, slots):
+                ids = self.generate_ids(slots, ids_in, max_new_tokens, num_beams, min_new_tokens)
+            return Generated([self.decode(row) for row in ids], ids, list(entries))
+
+        return self.owner(run)
 
     def generate_ids(
         self,
@@ -203,9 +218,13 @@ class Engine:
         """Sum of natural-log probabilities of each target's tokens (its EOS included) given its input."""
         _same_length(tasks, inputs, "inputs")
         _same_length(tasks, targets, "targets")
-        with self.resident(tasks) as (entries, slots):
-            scores = self.score_ids(slots, self.tokenize(inputs), self.tokenize(targets, "target"))
-        return Scored(scores, list(entries))
+        ids, target_ids = self.tokenize(inputs), self.tokenize(targets, "target")
+
+        def run() -> Scored:
+            with self.resident(tasks) as (entries, slots):
+                return Scored(self.score_ids(slots, ids, target_ids), list(entries))
+
+        return self.owner(run)
 
     def score_ids(self, slots: Sequence[int], inputs: Sequence[list[int]], targets: Sequence[list[int]]) -> list[float]:
         """Teacher-forced log-probabilities of tokenized targets (EOS included) given tokenized inputs."""
@@ -273,12 +292,15 @@ class Engine:
 
     @contextmanager
     def _routed_slots(self, slots: Sequence[int]) -> Iterator[None]:
-        """Serialize forward passes and activate the rows' plan around one; undone in every case."""
-        route = Route.of(slots, self.backbone.device)
-        with self._forward_lock:
-            plan = self.device.plan(route)
-            with torch.inference_mode(), self.router.activate(plan):
-                yield
+        """Activate the rows' plan around one forward pass; undone in every case. Runs on the owning thread (the step
+        loop's, or the caller's when the engine runs alone), so passes never overlap."""
+        plan = self.device.plan(Route.of(slots, self.backbone.device))
+        with torch.inference_mode(), self.router.activate(plan):
+            yield
+
+
+def _in_place(work: Callable[[], Any]) -> Any:
+    return work()
 
 
 class _VocabularyLimit(LogitsProcessor):

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,10 @@ class DecodeLoop:
         self._cv = threading.Condition()
         self._batch = DecodeBatch()
         self._stopping = False
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="kronserve-engine", daemon=True)
+        engine.owner = self.run
         self.busy = False
 
     # ---- called from the event loop ---------------------------------------------------------------
@@ -79,6 +83,17 @@ class DecodeLoop:
         with self._cv:
             self._waiting.append(job)
             self._cv.notify()
+
+    def run(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the loop's thread between two steps and return its value (the engine's `owner`): the one
+        writer of device memory. On the loop's own thread, or when no loop runs, it runs in place."""
+        done: Future = Future()
+        with self._cv:
+            queued = threading.current_thread() is not self._thread and self._thread.is_alive() and not self._closed
+            if queued:
+                self._commands.append((work, done))
+                self._cv.notify()
+        return done.result() if queued else work()
 
     def wake(self) -> None:
         with self._cv:
@@ -103,12 +118,14 @@ class DecodeLoop:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._batch and not self._stopping:
+                while not self._waiting and not self._batch and not self._commands and not self._stopping:
                     self._cv.wait()
                 if self._stopping:
                     break
-                idle = not self._batch
-            if idle:
+            self._run_commands()
+            if not self._waiting and not self._batch:
+                continue
+            if not self._batch:
                 self._gather()
             self.busy = True
             try:
@@ -119,6 +136,18 @@ class DecodeLoop:
             finally:
                 self.busy = False
         self._fail_running(RuntimeError("the engine stopped"))
+        with self._cv:
+            self._closed = True  # later commands run in place
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            with self._cv:
+                work, done = self._commands.popleft()
+            try:
+                done.set_result(work())
+            except BaseException as e:  # the caller raises it
+                done.set_exception(e)
 
     def _gather(self) -> None:
         """An idle loop lets a burst gather before admitting it: it waits `wait_s` and then again while requests
@@ -131,6 +160,7 @@ class DecodeLoop:
             time.sleep(self.bounds.wait_s)
 
     def _turn(self) -> None:
+        self._run_commands()
         self._drop_cancelled()
         self._end_stopped()
         admit, score = self._take()

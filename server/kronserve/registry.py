@@ -140,6 +140,7 @@ class Registry:
         self._serials = itertools.count()
         self._sizes: dict[str, int] = {}  # task -> its indexed file's size (for the start-up snapshot)
         self.on_new_version: Callable[[Entry], None] | None = None  # the engine reloads pinned tasks' new versions
+        self.on_drop: Callable[[tuple], None] = device.drop  # the engine routes it to the thread owning the device
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, task: str) -> Entry:
@@ -467,7 +468,7 @@ class Registry:
 
     def _forget(self, key: tuple) -> None:
         self.host.drop(key)
-        self.device.drop(key)
+        self.on_drop(key)
 
     def resident(self) -> int:
         """Versions held in memory, host or device (active and draining)."""
