@@ -102,6 +102,7 @@ class DeviceTier:
         self._pinned: set[str] = set()
         self._next_slot = 0
         self.used_bytes = 0
+        self.generation = 0  # changes whenever a pool's tensor or rows change: plans built before may be stale
 
     # ---- reads (any thread) -----------------------------------------------------------------------
     def resident(self, key: Key) -> Resident | None:
@@ -167,6 +168,7 @@ class DeviceTier:
         if pool is None:
             pool = self._pools[c.layout] = Pool(c.layout, self.device, self.dtype, 1)
         row = pool.put(c.flat.to(self.device), max(1, self.budget // max(c.nbytes, 1)))
+        self.generation += 1
         r = Resident(key, task, self._next_slot, pool, row, c.nbytes)
         self._next_slot += 1
         self._by_key[key] = r
@@ -194,7 +196,9 @@ class DeviceTier:
         `hold`, under the forward lock, calls this)."""
         if pool.used == 0:
             self._pools.pop(pool.layout, None)
+            self.generation += 1
         elif pool.capacity >= 8 and pool.used <= pool.capacity // 4:
+            self.generation += 1
             moves: dict[int, int] = {}
             pool.resize(pool.capacity // 2, moves)
             for other in self._by_key.values():
@@ -238,11 +242,11 @@ class DeviceTier:
         with self._lock:
             self._pinned.discard(task)
 
-    # ---- plans (under the forward lock) -------------------------------------------------------------
+    # ---- plans (on the thread that owns the device) -------------------------------------------------------------
     def plan(self, route: Route) -> BatchPlan:
         with self._lock:
             members: dict[Pool, list[tuple[int, int]]] = {}
-            for i, slot in enumerate(route.slots.tolist()):
+            for i, slot in enumerate(route.host or route.slots.tolist()):
                 if slot >= 0:
                     r = self._by_slot[slot]
                     members.setdefault(r.pool, []).append((i, r.row))

@@ -29,7 +29,7 @@ from .errors import InvalidRequest, PinRefused
 from .formats.native import AdapterFile
 from .host_tier import HostTier
 from .metrics import Metrics
-from .plan import Route, SiteNames
+from .plan import BatchPlan, Route, SiteNames
 from .registry import Entry, Registry
 from .running import RunningBatch, empty_cache
 from .store import AdapterStore
@@ -37,6 +37,7 @@ from .t5_sites import base_norms, install_sites
 from .text import TextCodec
 
 MB = 1024 * 1024
+PLANS_KEPT = 2  # a step's plan survives the admission pass between two steps
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Engine:
         # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
         self.owner: Callable[[Callable[[], Any]], Any] = _in_place
         self.registry.on_drop = lambda key: self.owner(lambda: self.device.drop(key))
+        self._plans: dict[tuple, BatchPlan] = {}
         tok, gen = backbone.tokenizer, model.generation_config
         self.pad_id = tok.pad_token_id
         self.vocab = Vocabulary(
@@ -294,9 +296,19 @@ class Engine:
     def _routed_slots(self, slots: Sequence[int]) -> Iterator[None]:
         """Activate the rows' plan around one forward pass; undone in every case. Runs on the owning thread (the step
         loop's, or the caller's when the engine runs alone), so passes never overlap."""
-        plan = self.device.plan(Route.of(slots, self.backbone.device))
-        with torch.inference_mode(), self.router.activate(plan):
+        with torch.inference_mode(), self.router.activate(self._plan(tuple(slots))):
             yield
+
+    def _plan(self, slots: tuple[int, ...]) -> BatchPlan:
+        """The plan for these rows, reused while they and the device pools stay the same: decode steps over an
+        unchanged batch gather their adapters' weights once, not once per step."""
+        key = (slots, self.device.generation)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[key] = self.device.plan(Route.of(slots, self.backbone.device))
+        return plan
 
 
 def _in_place(work: Callable[[], Any]) -> Any:

@@ -33,12 +33,14 @@ class Route:
     """
 
     slots: torch.Tensor
+    host: tuple[int, ...] = ()  # the same slots on the host: plans are built from these, never by a device sync
 
     @classmethod
     def of(cls, slots: Sequence[int], device: torch.device | str = "cpu") -> Route:
         if any(s < BARE for s in slots):
             raise ValueError(f"slots must be >= {BARE}: {list(slots)}")
-        return cls(torch.tensor(list(slots), dtype=torch.long, device=device))
+        host = tuple(slots)
+        return cls(torch.tensor(host, dtype=torch.long, device=device), host)
 
     @property
     def rows(self) -> int:
