@@ -8,11 +8,14 @@ the step loop) and one with the default `continuous`, measured one after the oth
   (b) throughput in generated tokens/s of a closed loop of 32 clients over 32 tasks, one input each, output
       lengths uniform in 1..64 (min_new_tokens = max_new_tokens, seeded);
   (c) the same with every output 16 tokens;
+  (e) the stall: p50 latency of a 2-token request sent while a 16-row request of ~200-token inputs is being
+      admitted (the encoder work of its admission), divided by its p50 on the idle server;
   (d) PEFT's own mixed-adapter batch (`model.generate(..., adapter_names=[...])`, in this process, no HTTP) on
       8 PEFT LoRA adapters against the continuous server answering the same saved adapters (uploaded as PEFT
       directories) as 32 concurrent one-row requests, 16 new tokens; time for all 32, median of rounds.
-Last line: `continuous hol=A mixed_len_speedup=B fixed_len_ratio=C vs_peft=D` (goals: A ≤ 3, B ≥ 1.5, C ≥ 0.95,
-D ≥ 1.0). Needs `pip install peft` for (d) (skipped, D=nan, without it).
+Last line: `continuous hol=A mixed_len_speedup=B fixed_len_ratio=C vs_peft=D stall=E` (goals: A ≤ 3, B ≥ 1.5,
+C ≥ 0.95, D ≥ 1.1, E ≤ 2). `--step-tokens` sets the server's KRONSERVE_MAX_STEP_TOKENS (the stall's bound).
+Needs `pip install peft` for (d) (skipped, D=nan, without it).
 """
 
 from __future__ import annotations
@@ -98,6 +101,21 @@ async def head_of_line(client: httpx.AsyncClient, url: str, shorts: int) -> tupl
     return statistics.median(idle), statistics.median(busy) if busy else float("nan")
 
 
+def long_text(i: int) -> str:
+    return (f"long input {i}: " + "the quick brown fox jumps over the lazy dog " * 6)[:200]
+
+
+async def stall(client: httpx.AsyncClient, url: str, rounds: int, delay_s: float) -> float:
+    """p50 of a 2-token request sent `delay_s` after a 16-row request of 200-token inputs (2 new tokens) arrives."""
+    times = []
+    for r in range(rounds):
+        long = asyncio.create_task(predict(client, url, "task1", [long_text(16 * r + i) for i in range(16)], 2))
+        await asyncio.sleep(delay_s)
+        times.append(await predict(client, url, f"task{2 + r % (N_TASKS - 2)}", [text(r)], 2))
+        await long
+    return statistics.median(times)
+
+
 async def closed_loop(client: httpx.AsyncClient, url: str, seconds: float, lengths: list[int]) -> float:
     """Generated tokens/s of CLIENTS clients, each sending its next request when its answer comes back."""
     stop = time.perf_counter() + seconds
@@ -157,6 +175,7 @@ async def measure(url: str, blobs: dict[str, bytes], peft_dirs: list[Path], args
         mixed = [rng.randint(1, 64) for _ in range(4096)]
         out = {}
         out["idle_p50"], out["busy_p50"] = await head_of_line(client, url, args.shorts)
+        out["stall_p50"] = await stall(client, url, args.shorts, args.stall_delay)
         out["mixed_tps"] = await closed_loop(client, url, args.seconds, mixed)
         out["fixed_tps"] = await closed_loop(client, url, args.seconds, [16])
         if peft_dirs:
@@ -171,7 +190,7 @@ def run_server(mode: str, backbone_dir: Path, work: Path, blobs, peft_dirs, args
         "KRONSERVE_LOG_LEVEL": "warning",
         "KRONSERVE_QUEUE_SIZE": "1024",
         "KRONSERVE_MAX_BATCH_ROWS": "64",
-    }
+    } | ({"KRONSERVE_MAX_STEP_TOKENS": str(args.step_tokens)} if args.step_tokens else {})
     server = Server(backbone_dir, work / f"store-{mode}", work / f"{mode}.log", env)
     server.start()
     try:
@@ -184,6 +203,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (same shape)")
     parser.add_argument("--shape", default="t5-small", choices=["tiny", "t5-small"])
+    parser.add_argument("--step-tokens", type=int, default=0, help="KRONSERVE_MAX_STEP_TOKENS (0: the default)")
+    parser.add_argument("--stall-delay", type=float, default=0.05, help="seconds between the long and short request")
     args = parser.parse_args()
     args.seconds, args.shorts, args.rounds = (10, 5, 2) if args.quick else (30, 10, 3)
     try:
@@ -204,6 +225,7 @@ def main() -> None:
     for key, label in (
         ("idle_p50", "short p50 idle (s)"),
         ("busy_p50", "short p50 behind long (s)"),
+        ("stall_p50", "short p50 in admission (s)"),
         ("mixed_tps", "tokens/s, lengths 1..64"),
         ("fixed_tps", "tokens/s, all 16"),
         ("burst_s", "32-row PEFT burst (s)"),
@@ -216,7 +238,8 @@ def main() -> None:
     vs_peft = peft_s / c["burst_s"] if have_peft else float("nan")
     print(
         f"continuous hol={c['busy_p50'] / c['idle_p50']:.2f} mixed_len_speedup={c['mixed_tps'] / s['mixed_tps']:.2f} "
-        f"fixed_len_ratio={c['fixed_tps'] / s['fixed_tps']:.2f} vs_peft={vs_peft:.2f}"
+        f"fixed_len_ratio={c['fixed_tps'] / s['fixed_tps']:.2f} vs_peft={vs_peft:.2f} "
+        f"stall={c['stall_p50'] / c['idle_p50']:.2f}"
     )
 
 
