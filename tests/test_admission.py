@@ -139,3 +139,15 @@ def test_score_requests_form_one_pass_within_their_own_bounds_beside_admissions(
     assert decided.score == [s1, s3]  # s2 would take the pass past 1000 tokens; s3 still fits
     assert [a for a, _ in decided.admit] == [p]
     assert decide([Ask([5000], score=True)]).score  # the first score request always runs, however large
+
+
+def test_the_default_step_budget_is_t5_small_512_tokens_of_encoder_work_in_any_backbones_tokens():
+    from kronserve.admission import default_step_tokens
+    from kronserve.methods.base import Geometry
+
+    small, base = Geometry(512, 6, 6, 2048, 512), Geometry(768, 12, 12, 3072, 768)
+    tiny = Geometry(128, 2, 2, 256, 128)
+    assert default_step_tokens(small, cuda=False) == 512
+    assert default_step_tokens(base, cuda=False) == 113  # 85M multiply-adds a token against t5-small's 19M
+    assert default_step_tokens(tiny, cuda=False) == 36864  # a tiny model's passes cost their overhead: no stall
+    assert default_step_tokens(small, cuda=True) == 16 * 512

@@ -18,7 +18,32 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .methods.base import Geometry
+
+# The default step budget is encoder work, not a token count: 512 tokens of t5-small on a CPU (an admission pass of
+# about a decode step's length; benchmarks/continuous.py's stall case chose it), as many tokens of another backbone
+# as cost the same. A tiny model gets many more tokens (its passes cost their overhead, not their tokens), t5-base
+# fewer. On CUDA, where a pass's cost is mostly its launch overhead, 16 times as much (not measured here).
+REFERENCE_STEP_TOKENS = 512
+CUDA_FACTOR = 16
+
+
+def encoder_work(g: Geometry) -> int:
+    """Multiply-adds per input token of the encoder's projections (attention q, k, v, o and the feed-forward)."""
+    d_attn, d_ff = g.d_attn or g.d_model, g.d_ff or 4 * g.d_model
+    return g.num_layers * (4 * g.d_model * d_attn + 2 * g.d_model * d_ff)
+
+
+T5_SMALL_WORK = 6 * (4 * 512 * 512 + 2 * 512 * 2048)
+
+
+def default_step_tokens(g: Geometry, cuda: bool) -> int:
+    """`KRONSERVE_MAX_STEP_TOKENS` when unset: the reference budget's encoder work, in this backbone's tokens."""
+    tokens = REFERENCE_STEP_TOKENS * T5_SMALL_WORK // encoder_work(g)
+    return max(64, tokens * (CUDA_FACTOR if cuda else 1))
 
 
 class Pending(Protocol):

@@ -8,8 +8,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STEP_TOKENS = 512  # benchmarks/continuous.py's stall case chose it
-
 TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9._+-]{0,63}$"
 
 
@@ -37,10 +35,11 @@ class Settings(BaseSettings):
         default=64, ge=1, description="running decoder rows (beams count one each); rows of one score pass"
     )
     max_batch_tokens: int = Field(default=16384, ge=1, description="input and target tokens of one score pass")
-    max_step_tokens: int = Field(
-        default=STEP_TOKENS,
+    max_step_tokens: int | None = Field(
+        default=None,
         ge=1,
-        description="input tokens admitted between two decode steps (a longer input goes alone): bounds the stall",
+        description="input tokens encoded between two decode steps (a longer input alone); unset: t5-small's 512 "
+        "in encoder work (more for smaller backbones, 16x on CUDA)",
     )
     max_cached_tokens: int = Field(
         default=262144,

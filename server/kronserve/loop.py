@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from .admission import Budget, DeviceRoom, Load, schedule
+from .admission import REFERENCE_STEP_TOKENS, Budget, DeviceRoom, Load, schedule
 from .batch import DecodeBatch, Member, spans
-from .config import STEP_TOKENS
 from .decoding import BeamSequence, Sequence, greedy_tokens
 from .engine import Engine
 from .errors import KronserveError
@@ -54,7 +53,7 @@ class Bounds:
     pass_tokens: int  # input tokens of one score pass
     cached_tokens: int  # running rows × (input + new tokens) the caches may reserve
     wait_s: float  # how long an idle loop waits for more requests before admitting
-    step_tokens: int = STEP_TOKENS  # encoder tokens admitted between two decode steps
+    step_tokens: int = REFERENCE_STEP_TOKENS  # encoder tokens admitted between two decode steps
 
     @property
     def budget(self) -> Budget:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .admission import default_step_tokens
 from .backbone import DEFAULT_HUB_ID, default_backbone, load_backbone
 from .changes import ChangeFeed
 from .config import Settings
@@ -78,9 +79,8 @@ class Service(TextFront):
             log.exception("start-up failed")
             raise
         s = self.settings
-        bounds = Bounds(
-            s.max_batch_rows, s.max_batch_tokens, s.max_cached_tokens, s.batch_wait_ms / 1000, s.max_step_tokens
-        )
+        step_tokens = s.max_step_tokens or default_step_tokens(engine.geometry, engine.backbone.device.type == "cuda")
+        bounds = Bounds(s.max_batch_rows, s.max_batch_tokens, s.max_cached_tokens, s.batch_wait_ms / 1000, step_tokens)
         scheduler = Scheduler(
             engine, self.metrics, bounds, s.queue_size, s.request_timeout_s, static=s.batching == "static"
         )

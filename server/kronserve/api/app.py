@@ -211,12 +211,8 @@ def _serve_workers(settings: Settings, supervisor: Any, stop_api: list[Callable[
     data["admin_token"] = settings.admin_token.get_secret_value() if settings.admin_token else None
     os.environ[WORKER_SETTINGS] = json.dumps(data)
     os.environ[WORKER_ENGINE], os.environ[WORKER_STATUS] = supervisor.engine_address, supervisor.status_address
-    config = uvicorn.Config(
-        "kronserve.api.app:worker_app",
-        factory=True,
-        workers=settings.api_workers,
-        **_uvicorn_options(settings),
-    )
+    options = _uvicorn_options(settings) | {"http": "kronserve.api.connections:WorkerHeadDeadline"}
+    config = uvicorn.Config("kronserve.api.app:worker_app", factory=True, workers=settings.api_workers, **options)
     workers = Multiprocess(config, sockets=[config.bind_socket()])
     stop_api.append(workers.should_exit.set)
     workers.run()

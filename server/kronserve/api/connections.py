@@ -11,6 +11,8 @@ is not complete `header_timeout_s` after its first byte (or after the connection
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -98,3 +100,10 @@ class HeadDeadline(HttpToolsProtocol):
 def head_deadline(header_timeout_s: float) -> type[HeadDeadline]:
     """The protocol class uvicorn builds per connection, with this deadline (uvicorn passes no extra arguments)."""
     return type("HeadDeadlineProtocol", (HeadDeadline,), {"header_timeout_s": header_timeout_s})
+
+
+class WorkerHeadDeadline(HeadDeadline):
+    """`head_deadline` for `api_workers` processes, which uvicorn starts by pickling their config (a class made on the
+    fly cannot be): the deadline comes from the settings `serve` hands the workers in its environment."""
+
+    header_timeout_s = float(json.loads(os.environ.get("KRONSERVE_WORKER_SETTINGS", "{}")).get("header_timeout_s", 10))
