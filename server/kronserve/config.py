@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=5.0,
         ge=0,
-        description="how long an idle engine waits for a burst to gather (again while it grows, 10 waits at most)",
+        description="how long an idle engine waits at most for a burst to gather (while requests keep arriving)",
     )
     batching: Literal["continuous", "static"] = Field(
         default="continuous",

@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .running import RunningBatch
 
 log = logging.getLogger(__name__)
-GATHER_ROUNDS = 10
+GATHER_SLICES = 5
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ class DecodeLoop:
                 done.set_exception(e)
 
     def _gather(self) -> None:
-        """An idle loop lets a burst gather before admitting it: it waits `wait_s` and then again while requests
-        keep arriving, for at most `GATHER_ROUNDS` waits, so a burst sent at once is one admission pass."""
-        seen = -1
-        for _ in range(GATHER_ROUNDS):
-            if self.bounds.wait_s <= 0 or len(self._waiting) == seen:
-                return
+        """An idle loop lets a burst gather before admitting it: while requests keep arriving it waits, in slices of
+        a fifth of `wait_s`, for `wait_s` at most in all (a steady stream of arrivals must not keep it idle: what
+        comes later joins at the next step anyway)."""
+        wait_s = self.bounds.wait_s
+        deadline, seen = time.monotonic() + wait_s, -1
+        while wait_s > 0 and (left := deadline - time.monotonic()) > 0 and len(self._waiting) != seen:
             seen = len(self._waiting)
-            time.sleep(self.bounds.wait_s)
+            time.sleep(min(wait_s / GATHER_SLICES, left))
 
     def _turn(self) -> None:
         self._run_commands()

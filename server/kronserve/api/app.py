@@ -215,7 +215,12 @@ def _serve_workers(settings: Settings, supervisor: Any, stop_api: list[Callable[
     config = uvicorn.Config("kronserve.api.app:worker_app", factory=True, workers=settings.api_workers, **options)
     workers = Multiprocess(config, sockets=[config.bind_socket()])
     stop_api.append(workers.should_exit.set)
-    workers.run()
+    try:
+        workers.run()
+    finally:  # a worker left running (uvicorn failed to start the others) would keep this process from exiting
+        for worker in workers.processes:
+            if worker.process.is_alive():
+                worker.kill()
 
 
 def _uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -50,7 +50,8 @@ admin_bearer = HTTPBearer(
 router = APIRouter()
 
 
-def get_backend(request: Request) -> Backend:
+async def get_backend(request: Request) -> Backend:
+    """Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request."""
     return request.app.state.backend
 
 
@@ -59,7 +60,7 @@ REPLICA_HEADER = "x-kronserve-replica"
 VERSION_HEADER = "x-kronserve-version"
 
 
-def require_admin(
+async def require_admin(
     backend: BackendDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(admin_bearer)]
 ) -> None:
     """With an admin token configured, PUT and DELETE need `Authorization: Bearer <token>` (constant-time)."""

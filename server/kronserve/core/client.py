@@ -30,6 +30,7 @@ from . import wire
 log = logging.getLogger(__name__)
 # A request the engine never answers (a hung engine) is answered after its timeout and this much more.
 GRACE_S = 5.0
+SETTLE_S = 1.0  # see EngineClient._settled
 
 
 class RemoteRun:
@@ -108,9 +109,11 @@ class EngineClient(TextFront):
         self._status.setsockopt(zmq.LINGER, 0)
         self._status.setsockopt(zmq.SUBSCRIBE, b"")
         self._tasks: list[asyncio.Task[None]] = []
+        self._up_event: asyncio.Event | None = None
 
     # ---- life --------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._up_event = asyncio.Event()
         self._socket.connect(self.engine_address)
         self._status.connect(self.status_address)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
@@ -160,7 +163,7 @@ class EngineClient(TextFront):
         pin: VersionRef | None,
         stream: bool,
     ) -> RemoteRun:
-        self._check()
+        await self._settled()
         rid = next(self._ids)
         run = self.runs[rid] = RemoteRun(self, rid, outputs=params is not None)
         body = {
@@ -214,7 +217,7 @@ class EngineClient(TextFront):
         self._socket.send(wire.pack(self.generation, kind, rid, body), copy=False)
 
     async def _call(self, method: str, *args: Any) -> Any:
-        self._check()
+        await self._settled()
         rid = next(self._ids)
         future = self.calls[rid] = asyncio.get_running_loop().create_future()
         self.send("call", rid, [method, list(args)])
@@ -270,10 +273,14 @@ class EngineClient(TextFront):
                 TextCodec.load, info["source"], info["local"], info["max_input_tokens"]
             )
         self.state, self.generation, self.detail = "up", generation, info
+        if self._up_event is not None:
+            self._up_event.set()
         log.info("engine %d is up", generation)
 
     def _lost(self, state: str, why: str | None) -> None:
         """The engine under every request in flight is gone: answer them all now."""
+        if self._up_event is not None:
+            self._up_event.clear()
         error = EngineRestarting(f"the engine stopped ({why}); it is restarting: retry shortly", retry_after=2)
         runs, self.runs = self.runs, {}
         for run in runs.values():
@@ -284,6 +291,14 @@ class EngineClient(TextFront):
                 future.set_exception(error)
         if runs or calls:
             log.error("engine %s (%s): %d requests answered 503", state, why, len(runs) + len(calls))
+
+    async def _settled(self) -> None:
+        """Refuse unless the engine is up, after waiting up to `SETTLE_S` for it: API workers learn of the engine
+        each on its own (within the supervisor's beat), so one may still be catching up when another said ready."""
+        if not self.ready and self.state != "failed" and not self.draining and self._up_event is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up_event.wait(), SETTLE_S)
+        self._check()
 
     def _check(self, error: type[NotReady] | type[EngineRestarting] = EngineRestarting) -> None:
         if self.draining:
