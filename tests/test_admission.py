@@ -3,11 +3,13 @@ encoder-token budget, and that a short request behind a long one is not stalled 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from kronserve.admission import Budget, DeviceRoom, Load, schedule
 
-BUDGET = Budget(rows=64, cached_tokens=100_000, pass_tokens=1000, step_tokens=512)
+BUDGET = Budget(rows=64, cached_tokens=100_000, pass_tokens=1000, step_tokens=256)
+IDLE, BUSY = Load(0, 0), Load(1, 0)
 
 
 @dataclass(eq=False)
@@ -22,6 +24,7 @@ class Ask:
     failed: bool = False
     deadline: float = 1e9
     next_input: int = 0
+    stalled: bool = False
 
     @property
     def inputs(self) -> list[list[int]]:
@@ -57,59 +60,72 @@ class Ask:
         return self.beams * (self.lengths[index] + self.new_tokens)
 
 
-def decide(waiting: list[Ask], load: Load = Load(0, 0), budget: Budget = BUDGET, room: DeviceRoom | None = None):
+def decide(waiting: list[Ask], load: Load = IDLE, budget: Budget = BUDGET, room: DeviceRoom | None = None):
     return schedule(waiting, load, budget, room or DeviceRoom(set(), 0, 10**9), now=0.0)
 
 
-def steps(waiting: list[Ask], budget: Budget = BUDGET) -> list[list[tuple[int, int]]]:
-    """Every step's admissions as (request number, inputs), advancing cursors as the loop does, until all are in."""
-    out = []
-    while any(a.next_input < len(a.lengths) for a in waiting):
-        decided = decide([a for a in waiting if a.next_input < len(a.lengths)], budget=budget)
-        out.append([(waiting.index(a), n) for a, n in decided.admit])
-        for a, n in decided.admit:
-            a.next_input += n
-    return out
+def admitted(decided) -> list[tuple[Ask, int]]:
+    return list(decided.admit)
 
 
-def test_a_long_request_is_admitted_over_several_steps_and_a_short_one_behind_it_at_the_next():
+def test_a_long_request_is_admitted_a_slice_a_step_and_a_short_one_behind_it_starts_at_the_next_alone():
     long, short = Ask([200] * 16), Ask([5])
-    first = decide([long])
-    assert [(a, n) for a, n in first.admit] == [(long, 2)]  # 400 of 512 tokens; a third input would exceed it
-    long.next_input = 2
-    second = decide([long, short])  # the short one arrived meanwhile: it rides in the budget the long one leaves
-    assert [(a, n) for a, n in second.admit] == [(long, 2), (short, 1)]
+    assert admitted(decide([long])) == [(long, 1)]  # a second 200-token input would take it past its 256
+    long.next_input = 1
+    # The short one arrived meanwhile: it goes first, and alone: the long one's next input beside it would pad the
+    # pass to 2 × 200 tokens.
+    assert admitted(decide([long, short], BUSY)) == [(short, 1)]
+    long.stalled = True  # passed over: it goes first at the next step, whatever arrived meanwhile
+    assert admitted(decide([long, Ask([5])], BUSY)) == [(long, 1)]
 
 
-def test_every_step_stays_within_the_budget_and_the_head_always_advances():
-    waiting = [Ask([300, 300, 300]), Ask([100] * 5), Ask([600]), Ask([10])]
-    for step in steps(waiting):
-        tokens = [waiting[i].lengths[0] * n for i, n in step]  # each request's inputs have one length here
-        assert sum(tokens) <= BUDGET.step_tokens or len(step) == 1  # over budget only an input alone
-        assert step  # something is admitted at every step
-    admitted_order = [i for step in steps([Ask([300, 300]), Ask([5])]) for i, _ in step]
-    assert admitted_order[0] == 0  # first come is first served
+def test_while_rows_run_a_pass_costs_its_inputs_times_its_longest_input_within_the_budget():
+    a, b, c = Ask([100]), Ask([10]), Ask([10])
+    assert admitted(decide([a, b, c], BUSY)) == [(a, 1), (b, 1)]  # 3 × 100 padded tokens > 256
+    shorts = [Ask([40]) for _ in range(8)]
+    assert admitted(decide(shorts, BUSY)) == [(s, 1) for s in shorts[:6]]  # 6 × 40 = 240
+
+
+def test_a_burst_of_short_requests_on_an_idle_batch_is_one_pass():
+    burst = [Ask([30]) for _ in range(32)]  # 960 padded tokens: over the step budget, within the pass's
+    assert admitted(decide(burst)) == [(a, 1) for a in burst]
+    many = Ask([30] * 20)  # one request still takes only its own budget: 8 × 30 = 240
+    assert admitted(decide([many])) == [(many, 8)]
 
 
 def test_an_input_longer_than_the_budget_goes_alone():
     huge, small = Ask([2000]), Ask([3])
-    decided = decide([huge, small])
-    assert [(a, n) for a, n in decided.admit] == [(huge, 1)]
+    assert admitted(decide([huge, small])) == [(huge, 1)]
+    assert admitted(decide([huge, small], BUSY)) == [(huge, 1)]
+
+
+def test_a_started_request_never_waits_two_steps_in_a_row_under_a_stream_of_new_ones():
+    long = Ask([200] * 6)
+    progress = []
+    for step in range(12):
+        decided = decide([long, Ask([5]), Ask([5])], IDLE if step == 0 else BUSY)
+        took = dict((id(a), n) for a, n in decided.admit).get(id(long), 0)
+        progress.append(took)
+        long.next_input += took
+        long.stalled = long.next_input > 0 and not took
+        if long.next_input == len(long.lengths):
+            break
+    assert long.next_input == 6
+    assert all(a or b for a, b in itertools.pairwise(progress))  # never two steps without progress
 
 
 def test_capacity_is_strict_fifo_a_request_that_does_not_fit_blocks_those_behind_it():
     running = Load(rows=60, reserved=0)
     big, small = Ask([5] * 8), Ask([5])  # 8 rows do not fit beside 60 of 64; 1 row would
-    decided = decide([big, small], load=running)
-    assert [(a, n) for a, n in decided.admit] == [(big, 4)]  # as many of its inputs as fit; nothing passes it
+    assert admitted(decide([big, small], load=running)) == [(big, 4)]  # as many of its inputs as fit; none passes it
     beams = Ask([5], beams=8)
     assert decide([beams, small], load=running).admit == []
 
 
 def test_an_empty_batch_takes_a_request_larger_than_every_capacity_bound():
     alone = Ask([5] * 100)
-    decided = decide([alone], budget=Budget(rows=4, cached_tokens=10, pass_tokens=10, step_tokens=10**6))
-    assert [(a, n) for a, n in decided.admit] == [(alone, 1)]  # the first row goes in alone; the rest wait for room
+    decided = decide([alone], budget=Budget(rows=4, cached_tokens=10, pass_tokens=10**6, step_tokens=10**6))
+    assert admitted(decided) == [(alone, 1)]  # the first row goes in alone; the rest wait for room
 
 
 def test_the_device_room_counts_a_new_adapter_once_and_blocks_what_does_not_fit():
@@ -120,7 +136,7 @@ def test_the_device_room_counts_a_new_adapter_once_and_blocks_what_does_not_fit(
         Ask([5], key="b"),
         Ask([5], key="held"),
     )
-    decided = decide([a1, a2, b, held], load=Load(1, 0), room=room)
+    decided = decide([a1, a2, b, held], load=BUSY, room=room)
     assert [a for a, _ in decided.admit] == [a1, a2]  # "a" costs 20 once; "b" no longer fits and blocks "held"
     assert room.bytes == 100
 
@@ -141,13 +157,13 @@ def test_score_requests_form_one_pass_within_their_own_bounds_beside_admissions(
     assert decide([Ask([5000], score=True)]).score  # the first score request always runs, however large
 
 
-def test_the_default_step_budget_is_t5_small_512_tokens_of_encoder_work_in_any_backbones_tokens():
+def test_the_default_step_budget_is_t5_small_256_tokens_of_encoder_work_in_any_backbones_tokens():
     from kronserve.admission import default_step_tokens
     from kronserve.methods.base import Geometry
 
     small, base = Geometry(512, 6, 6, 2048, 512), Geometry(768, 12, 12, 3072, 768)
     tiny = Geometry(128, 2, 2, 256, 128)
-    assert default_step_tokens(small, cuda=False) == 512
-    assert default_step_tokens(base, cuda=False) == 113  # 85M multiply-adds a token against t5-small's 19M
-    assert default_step_tokens(tiny, cuda=False) == 36864  # a tiny model's passes cost their overhead: no stall
-    assert default_step_tokens(small, cuda=True) == 16 * 512
+    assert default_step_tokens(small, cuda=False) == 256
+    assert default_step_tokens(base, cuda=False) == 64  # 85M multiply-adds a token against 19M: 56, the floor
+    assert default_step_tokens(tiny, cuda=False) == 18432  # a tiny model's passes cost their overhead
+    assert default_step_tokens(small, cuda=True) == 16 * 256

@@ -342,7 +342,7 @@ def test_a_sequence_whose_token_choice_fails_fails_alone(engine: Engine, tasks, 
 
 @pytest.mark.parametrize(
     "bound",
-    [{"rows": 2}, {"cached_tokens": 60}, {"step_tokens": 20}],
+    [{"rows": 2}, {"cached_tokens": 60}, {"step_tokens": 20, "pass_tokens": 20}],
     ids=["max_batch_rows", "max_cached_tokens", "max_step_tokens"],
 )
 def test_admission_stops_at_each_bound(engine: Engine, tasks, bound: dict) -> None:

@@ -3,14 +3,16 @@
 Two kinds of bound (vLLM's `Scheduler.schedule` and Sarathi-Serve's stall-free batching, for an
 encoder-decoder):
 - **Capacity** (running rows, cached token positions, the device tier's bytes): what the running batch
-  may hold at once. Predict requests are admitted strictly first come first served against these: one
-  that does not fit blocks those behind it, so a big request is never starved by small ones.
-- **The step's encoder budget** (`step_tokens`): input tokens admitted between two decode steps, so one
-  long admission never stalls every running row (7.6× a 2-token request's idle latency before it). A
-  request's inputs may be admitted over several steps; T5's encoder is bidirectional, so an input is
-  never cut, and an input longer than the budget goes alone. The head of the queue always advances (its
-  next input fits a fresh budget, or goes alone); later requests fill what it leaves, in order, so a
-  short request behind a long one starts at the next step instead of after the whole long one.
+  may hold at once. A request that does not fit blocks those behind it, so a big one is never starved.
+- **The step's encoder budget** (`step_tokens`): the work of one admission pass, counted as an encoder
+  pass costs, inputs × the longest input (padding), so one long admission never stalls the running rows
+  (7.6× a 2-token request's idle latency before). A request's inputs may be admitted over several steps;
+  T5's encoder is bidirectional, so an input is never cut, and one longer than the budget goes alone.
+  While rows run, the whole pass stays within the budget. On an idle batch a request not started yet may
+  take a budget of its own and the pass up to `pass_tokens`: a burst of short requests is one pass.
+Order within a step: a started request passed over at the last step first (so none waits two steps in a
+row), then requests not started yet (a short request behind a long one starts at the next step, in a pass
+of its own size), then the other started ones; arrival order within each.
 Score requests run as one teacher-forced pass between steps, bounded by `pass_tokens` and rows.
 """
 
@@ -23,11 +25,11 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from .methods.base import Geometry
 
-# The default step budget is encoder work, not a token count: 512 tokens of t5-small on a CPU (an admission pass of
-# about a decode step's length; benchmarks/continuous.py's stall case chose it), as many tokens of another backbone
+# The default step budget is encoder work, not a token count: 256 tokens of t5-small on a CPU (one 200-token input's
+# pass, ~70 ms; benchmarks/continuous.py's stall case chose it), as many tokens of another backbone
 # as cost the same. A tiny model gets many more tokens (its passes cost their overhead, not their tokens), t5-base
 # fewer. On CUDA, where a pass's cost is mostly its launch overhead, 16 times as much (not measured here).
-REFERENCE_STEP_TOKENS = 512
+REFERENCE_STEP_TOKENS = 256
 CUDA_FACTOR = 16
 
 
@@ -53,6 +55,7 @@ class Pending(Protocol):
     failed: bool
     deadline: float
     next_input: int  # inputs before this one were admitted already (a request admitted over several steps)
+    stalled: bool  # started, and passed over at the last step
 
     @property
     def scoring(self) -> bool: ...
@@ -85,8 +88,8 @@ class Pending(Protocol):
 class Budget:
     rows: int  # running decoder rows (beams count one each)
     cached_tokens: int  # running rows × (input + new tokens) the caches may reserve
-    pass_tokens: int  # tokens of one score pass
-    step_tokens: int  # encoder tokens admitted between two decode steps
+    pass_tokens: int  # tokens of one score pass; of one admission pass on an idle batch
+    step_tokens: int  # padded encoder tokens admitted between two decode steps
 
 
 @dataclass(frozen=True)
@@ -124,39 +127,82 @@ class Decisions:
 def schedule(waiting: Sequence[Pending], load: Load, budget: Budget, room: DeviceRoom, now: float) -> Decisions:
     """This step's decisions for `waiting` (in arrival order); `room` is updated with what they take."""
     out = Decisions()
-    rows, reserved, step = load.rows, load.reserved, 0
+    live: list[Pending] = []
     score_rows = score_tokens = 0
-    blocked = False  # a predict request did not fit the capacity: nothing behind it may pass it
     for job in waiting:
         if job.cancelled or job.failed or job.deadline <= now:
             out.expired.append(job)
-            continue
-        if job.scoring:
-            first = not out.score
-            fits = score_rows + job.rows <= budget.rows and score_tokens + job.tokens <= budget.pass_tokens
-            if first or (fits and room.fits(job)):
-                room.take(job)
-                out.score.append(job)
-                score_rows, score_tokens = score_rows + job.rows, score_tokens + job.tokens
-            continue
-        if blocked:
-            continue
-        if not room.fits(job) and rows > 0:
-            blocked = True
-            continue
-        count = 0
-        for index in range(job.next_input, len(job.inputs)):
-            n_rows, n_reserved, tokens = job.input_rows(index), job.reserved_by(index), job.input_tokens(index)
-            empty = rows == 0
-            if not empty and (rows + n_rows > budget.rows or reserved + n_reserved > budget.cached_tokens):
-                blocked = True
-                break
-            if step + tokens > budget.step_tokens and step > 0:
-                break  # the step's encoder budget is spent: the rest waits for the next step
-            rows, reserved, step, count = rows + n_rows, reserved + n_reserved, step + tokens, count + 1
+        elif not job.scoring:
+            live.append(job)
+        elif not out.score or (
+            score_rows + job.rows <= budget.rows and score_tokens + job.tokens <= budget.pass_tokens and room.fits(job)
+        ):
+            room.take(job)
+            out.score.append(job)
+            score_rows, score_tokens = score_rows + job.rows, score_tokens + job.tokens
+    _admit(sorted(live, key=_priority), load, budget, room, out)
+    return out
+
+
+def _priority(job: Pending) -> int:
+    """A started request passed over last step first (it never waits two steps running), then requests not started
+    yet, then the other started ones; arrival order within each (the sort is stable)."""
+    if job.next_input > 0:
+        return 0 if job.stalled else 2
+    return 1
+
+
+class _Pass:
+    """The admission pass being filled: an encoder pass costs its inputs × its longest input (padding)."""
+
+    def __init__(self, load: Load) -> None:
+        self.rows, self.reserved = load.rows, load.reserved
+        self.busy = load.rows > 0
+        self.inputs = self.longest = 0
+
+    def cost_with(self, tokens: int) -> int:
+        return (self.inputs + 1) * max(self.longest, tokens)
+
+    def add(self, rows: int, reserved: int, tokens: int) -> None:
+        self.rows, self.reserved = self.rows + rows, self.reserved + reserved
+        self.inputs, self.longest = self.inputs + 1, max(self.longest, tokens)
+
+
+def _admit(ordered: list[Pending], load: Load, budget: Budget, room: DeviceRoom, out: Decisions) -> None:
+    """Fill one admission pass from `ordered`; the first input always goes (one over the budget alone)."""
+    filling = _Pass(load)
+    for job in ordered:
+        if not room.fits(job) and filling.rows > 0:
+            return  # capacity is first come first served: nothing passes a request that does not fit
+        count, blocked = _inputs_of(job, filling, budget)
         if count:
             room.take(job)
             out.admit.append((job, count))
-        if step >= budget.step_tokens:
+        if blocked:
+            return
+
+
+def _inputs_of(job: Pending, filling: _Pass, budget: Budget) -> tuple[int, bool]:
+    """How many of `job`'s next inputs join the pass, and whether the capacity stopped it (blocking the rest)."""
+    own = count = 0
+    for index in range(job.next_input, len(job.inputs)):
+        tokens, rows, reserved = job.input_tokens(index), job.input_rows(index), job.reserved_by(index)
+        if filling.rows > 0 and (
+            filling.rows + rows > budget.rows or filling.reserved + reserved > budget.cached_tokens
+        ):
+            return count, True
+        if filling.inputs > 0 and not _within_budget(filling, job, own + tokens, tokens, budget):
             break
-    return out
+        filling.add(rows, reserved, tokens)
+        own, count = own + tokens, count + 1
+    return count, False
+
+
+def _within_budget(filling: _Pass, job: Pending, own: int, tokens: int, budget: Budget) -> bool:
+    """With rows running (their decode steps to protect) the whole pass costs at most `step_tokens`. On an idle batch
+    a request not started yet may take `step_tokens` of its own and the pass up to `pass_tokens`, so a burst of short
+    requests is one pass while a long request is still admitted in slices."""
+    cost = filling.cost_with(tokens)
+    if filling.busy or job.next_input > 0:
+        return cost <= budget.step_tokens
+    return cost <= budget.pass_tokens and own <= budget.step_tokens

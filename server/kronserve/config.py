@@ -34,12 +34,14 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(
         default=64, ge=1, description="running decoder rows (beams count one each); rows of one score pass"
     )
-    max_batch_tokens: int = Field(default=16384, ge=1, description="input and target tokens of one score pass")
+    max_batch_tokens: int = Field(
+        default=16384, ge=1, description="tokens of one score pass; padded input tokens of an idle batch's admission"
+    )
     max_step_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="input tokens encoded between two decode steps (a longer input alone); unset: t5-small's 512 "
-        "in encoder work (more for smaller backbones, 16x on CUDA)",
+        description="padded input tokens encoded between two decode steps (a longer input alone); unset: t5-small's "
+        "256 in encoder work (more for smaller backbones, 16x on CUDA)",
     )
     max_cached_tokens: int = Field(
         default=262144,

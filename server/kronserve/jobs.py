@@ -54,6 +54,7 @@ class Job:
     stream: TokenStream | None = None
     slot: int | None = None  # its device slot while the engine holds it there (from admission to leaving)
     next_input: int = 0  # inputs before this one are admitted (a request may be admitted over several steps)
+    stalled: bool = False  # started, and passed over at the last step (it goes first at the next)
     outputs: list[list[int] | None] = field(default_factory=list)  # each input's tokens once its sequence is done
     _leased: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)

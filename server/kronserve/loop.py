@@ -186,6 +186,9 @@ class DecodeLoop:
                 job.next_input += count
                 if job.next_input == len(job.inputs):
                     self._waiting.remove(job)
+            advanced = {id(job) for job, _ in decided.admit}
+            for job in self._waiting:
+                job.stalled = job.next_input > 0 and id(job) not in advanced
             for job in decided.score:
                 self._waiting.remove(job)
         return admit, decided.score  # type: ignore[return-value]
