@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=5.0,
         ge=0,
-        description="how long an idle engine waits at most for a burst to gather (while requests keep arriving)",
+        description="an idle engine lets a burst gather while requests keep arriving (checked every fifth of this; "
+        "10 times this at most)",
     )
     batching: Literal["continuous", "static"] = Field(
         default="continuous",

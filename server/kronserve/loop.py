@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .running import RunningBatch
 
 log = logging.getLogger(__name__)
-GATHER_SLICES = 5
+GATHER_ROUNDS, GATHER_SLICES = 10, 2
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,16 @@ class DecodeLoop:
                 done.set_exception(e)
 
     def _gather(self) -> None:
-        """An idle loop lets a burst gather before admitting it: while requests keep arriving it waits, in slices of
-        a fifth of `wait_s`, for `wait_s` at most in all (a steady stream of arrivals must not keep it idle: what
-        comes later joins at the next step anyway)."""
+        """An idle loop lets a burst gather before admitting it: it waits in slices of half of `wait_s` while each
+        slice brings more requests, until they would fill the batch's rows, for at most `GATHER_ROUNDS` × `wait_s`.
+        A burst (arrivals closer than a slice) becomes one admission pass; a steady stream with gaps, or a wave
+        that fills the batch, does not keep the engine idle."""
         wait_s = self.bounds.wait_s
-        deadline, seen = time.monotonic() + wait_s, -1
+        deadline, seen = time.monotonic() + wait_s * GATHER_ROUNDS, -1
         while wait_s > 0 and (left := deadline - time.monotonic()) > 0 and len(self._waiting) != seen:
             seen = len(self._waiting)
+            if sum(job.rows for job in list(self._waiting)) >= self.bounds.rows:
+                return
             time.sleep(min(wait_s / GATHER_SLICES, left))
 
     def _turn(self) -> None:
