@@ -1,0 +1,59 @@
+"""Incremental detokenization: the deltas of a stream add up to the text of the whole sequence, token by token, with
+multi-byte characters split across tokens (ByT5) and stop strings spanning deltas, while each token decodes only a
+few tokens (never the whole sequence again)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kronserve.messages import Generation
+from kronserve.streaming import CONTEXT_TOKENS, StreamText
+
+TEXTS = ["plain ascii text", "naïve café — ünïcödé", "emoji 🙂🚀 and CJK 漢字かな", "a\nnew line\tand tabs"]
+
+
+@pytest.fixture
+def tokenizer(backbone):
+    return backbone.tokenizer
+
+
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], str, Generation, list[int]]:
+    """(deltas, the rest sent at the end, the final answer, lengths of the windows decoded per token)."""
+    windows: list[int] = []
+
+    def decode(part: list[int]) -> str:
+        windows.append(len(part))
+        return tokenizer.decode(part, skip_special_tokens=True)
+
+    text = StreamText(decode, 1, stop)
+    deltas = []
+    for token in ids:
+        delta, stopped = text.add(0, token)
+        deltas.append(delta)
+        if stopped:
+            break
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    rest, final = text.finish(0, Generation(whole, len(ids), 1, "length"))
+    return deltas, rest, final, windows
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_add_up_to_the_whole_decode_and_each_token_decodes_a_short_window(tokenizer, text: str) -> None:
+    ids = tokenizer(text)["input_ids"][:-1]  # the generated tokens: no EOS here
+    deltas, rest, final, windows = stream(tokenizer, ids)
+    assert "".join(deltas) + rest == final.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in d for d in deltas)  # half a character is never sent
+    assert max(windows) <= CONTEXT_TOKENS + 4  # a window, never the whole sequence (ByT5: a character is ≤ 4 ids)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_stop_string_spanning_deltas_cuts_the_text_and_nothing_past_it_is_sent(tokenizer, seed: int) -> None:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "délta", "STOP", "omega", "🙂"]
+    text = " ".join(rng.choice(words) for _ in range(12)) + " STOP tail"
+    ids = tokenizer(text)["input_ids"][:-1]
+    deltas, rest, final, _ = stream(tokenizer, ids, stop=("STOP",))
+    assert "".join(deltas) + rest == final.text == text[: text.index("STOP")]
+    assert final.finish_reason == "stop"
