@@ -43,6 +43,7 @@ def test_a_replica_loads_its_share_serves_others_on_demand_and_deletes_what_it_c
             assert service.evict_idle(owned, idle_s=3600) == []  # "other" was used just now
             assert service.evict_idle(owned, idle_s=0) == ["other"]  # its owner is back: the copy goes...
             assert [e.task for e in service.engine.registry.entries()] == ["mine"]
+            await asyncio.to_thread(service.engine.owner, lambda: None)  # the loop has run what was posted before
             assert service.engine.registry.resident() == 1 and store.active("other") == pin  # ...the store keeps it
             again = await service.score("other", ["x"], ["y"], pin)  # and a later spill loads it again
             assert again.values == result.values

@@ -13,6 +13,8 @@ import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from .decoding import BeamSequence, Sequence
 from .jobs import Job
 from .running import RunningBatch
@@ -88,6 +90,11 @@ class DecodeBatch:
         """A copy of the rows of the members `keep` accepts (for a trial step that must not touch this batch)."""
         assert self.tensors is not None
         rows = [r for row, m in self.spans() if keep(m) for r in range(row, row + m.seq.rows)]
-        tensors = copy.deepcopy(self.tensors)
+        # New cache and layer objects over the same tensors (no copy of them): `filter` then indexes new ones.
+        shared = {id(v): v for v in vars(self.tensors).values() if isinstance(v, torch.Tensor)}
+        for cache in (self.tensors.cache.self_attention_cache, self.tensors.cache.cross_attention_cache):
+            for layer in cache.layers:
+                shared.update((id(t), t) for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        tensors = copy.deepcopy(self.tensors, memo=shared)
         tensors.filter(rows)
         return tensors

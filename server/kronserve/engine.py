@@ -92,7 +92,8 @@ class Engine:
         # How work on device memory and forward passes reaches the one thread that owns them: the step loop sets it
         # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
         self.owner: Callable[[Callable[[], Any]], Any] = _in_place
-        self.registry.on_drop = lambda key: self.owner(lambda: self.device.drop(key))
+        self.post: Callable[[Callable[[], Any]], None] = _in_place  # the same, not waiting for it to be done
+        self.registry.on_drop = lambda key: self.post(lambda: self.device.drop(key))
         self._plans: dict[tuple, BatchPlan] = {}
         tok, gen = backbone.tokenizer, model.generation_config
         self.pad_id = tok.pad_token_id

@@ -71,7 +71,7 @@ class DecodeLoop:
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kronserve-engine", daemon=True)
-        engine.owner = self.run
+        engine.owner, engine.post = self.run, self.post
         self.busy = False
 
     # ---- called from the event loop ---------------------------------------------------------------
@@ -94,6 +94,16 @@ class DecodeLoop:
                 self._cv.notify()
         return done.result() if queued else work()
 
+    def post(self, work: Callable[[], Any]) -> None:
+        """Like `run`, without waiting: for work whose caller need not know when it is done (a version leaving)."""
+        with self._cv:
+            queued = threading.current_thread() is not self._thread and self._thread.is_alive() and not self._closed
+            if queued:
+                self._commands.append((work, Future()))
+                self._cv.notify()
+        if not queued:
+            work()
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -115,6 +125,29 @@ class DecodeLoop:
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.critical("the step loop died", exc_info=True)
+            raise
+        finally:  # whatever ended the loop: nobody waits on it forever
+            self._fail_running(RuntimeError("the engine stopped"))
+            with self._cv:
+                self._closed = True  # later commands run in place
+                waiting, self._waiting = list(self._waiting), deque()
+            for job in waiting:
+                self._finish_error(job, RuntimeError("the engine stopped"))
+            self._run_commands()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._batch and not self._commands and not self._stopping:
@@ -134,10 +167,6 @@ class DecodeLoop:
                 self._fail_running(RuntimeError("the engine failed while running this request"))
             finally:
                 self.busy = False
-        self._fail_running(RuntimeError("the engine stopped"))
-        with self._cv:
-            self._closed = True  # later commands run in place
-        self._run_commands()
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -179,10 +208,15 @@ class DecodeLoop:
         load = Load(self._batch.rows, self._batch.reserved)
         with self._cv:
             decided = schedule(list(self._waiting), load, self.bounds.budget, room, time.monotonic())
+            running = {id(m.job) for m in self._batch.members}
             for job in decided.expired:
                 self._waiting.remove(job)
-                if job.next_input == 0 and not job.failed:  # else its running rows answer for it
-                    self._drop(job, "queued")  # type: ignore[arg-type]
+                if job.failed:
+                    continue  # answered (and released) already
+                if id(job) in running:
+                    job.cancelled = True  # its running rows leave at the next step, and release it then
+                else:
+                    self._drop(job, "queued" if job.next_input == 0 else "running")  # type: ignore[arg-type]
             admit: list[tuple[Job, int, int]] = []
             for job, count in decided.admit:
                 admit.append((job, job.next_input, count))  # type: ignore[arg-type]
@@ -203,10 +237,10 @@ class DecodeLoop:
             return
         jobs = [job for job, _, _ in admit]
         started = time.perf_counter()
-        members = [self._member(job, i) for job, first, n in admit for i in range(first, first + n)]
-        inputs = [m.job.inputs[m.index] for m in members]
-        self._observe_pass(jobs, [job for job, first, _ in admit if first == 0], inputs, started)
         try:
+            members = [self._member(job, i) for job, first, n in admit for i in range(first, first + n)]
+            inputs = [m.job.inputs[m.index] for m in members]
+            self._observe_pass(jobs, [job for job, first, _ in admit if first == 0], inputs, started)
             self._hold(jobs)
             slots = [m.job.slot for m in members]
             pre = self.engine.prefill(inputs, slots, [m.seq.rows for m in members])  # type: ignore[arg-type]
@@ -277,9 +311,8 @@ class DecodeLoop:
         """Each adapter group (device slot) whose rows alone still fail a step, with its error (on copies)."""
         found: dict[int | None, str] = {}
         for slot in {m.job.slot for m in batch.members}:
-            probe = batch.probe(lambda m, s=slot: m.job.slot == s)
             try:
-                self.engine.step(probe)
+                self.engine.step(batch.probe(lambda m, s=slot: m.job.slot == s))
             except Exception as e:
                 log.error("adapter in device slot %s fails a decode step: %s", slot, e)
                 found[slot] = f"{type(e).__name__}: {e}"
@@ -385,7 +418,7 @@ class DecodeLoop:
     def _fail_running(self, error: Exception) -> None:
         members, self._batch = self._batch.members, DecodeBatch()
         for job in {id(m.job): m.job for m in members}.values():
-            self._finish_error(job, error)
+            self._fail_job(job, error)
 
     def _finish(self, job: Job, values: list) -> None:
         self._release(job)

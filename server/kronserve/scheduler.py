@@ -119,6 +119,8 @@ class Scheduler:
         into the queue already and count as queued."""
         if not self._accepting:
             return NotReady("the server is not accepting requests (starting or shutting down)", retry_after=5)
+        if not self.loop.alive and self.loop.started:
+            return NotReady("the engine's step loop stopped", retry_after=5)
         if self.loop.waiting + arriving >= self.queue_size:
             return Overloaded(f"request queue is full ({self.queue_size} waiting); retry shortly", retry_after=1)
         return None

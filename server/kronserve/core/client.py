@@ -62,7 +62,11 @@ class RemoteRun:
 
     # ---- front.Run ---------------------------------------------------------------------------------
     async def tokens(self) -> list[tuple[int, int]] | None:
-        pairs = await self.queue.get()
+        try:
+            pairs = await asyncio.wait_for(self.queue.get(), self.client.settings.request_timeout_s + GRACE_S)
+        except TimeoutError:
+            self.cancel()
+            raise EngineRestarting("the engine sent nothing for this stream in time", retry_after=5) from None
         if pairs is None:
             return None
         while not self.queue.empty() and (more := self.queue._queue[0]) is not None:  # type: ignore[attr-defined]
@@ -177,7 +181,7 @@ class EngineClient(TextFront):
         self.send("add", rid, body)
         if stream:
             try:
-                await run.accepted
+                await asyncio.wait_for(run.accepted, self.settings.request_timeout_s + GRACE_S)
             except BaseException:
                 run.cancel()
                 raise
@@ -231,41 +235,52 @@ class EngineClient(TextFront):
     async def _read(self) -> None:
         while True:
             frame = await self._socket.recv()
-            kind, rid, body = wire.unpack(frame)
-            if kind == "reply" or (kind == "error" and rid in self.calls):
-                future = self.calls.get(rid)
-                if future is not None and not future.done():
-                    future.set_result(body) if kind == "reply" else future.set_exception(wire.error_in(body))
-                continue
-            run = self.runs.get(rid)
-            if run is None:
-                continue  # aborted here already
-            if kind == "tokens":
-                run.queue.put_nowait(body)
-            elif kind == "started":
-                run.on_started(*body)
-            elif kind == "done":
-                self.runs.pop(rid, None)
-                run.on_done(*body)
-            elif kind == "error":
-                self.runs.pop(rid, None)
-                run.on_error(wire.error_in(body))
+            try:
+                self._route(*wire.unpack(frame))
+            except Exception:  # one bad frame must not stop every later answer
+                log.exception("a frame from the engine could not be handled")
+
+    def _route(self, kind: str, rid: int, body: Any) -> None:
+        if kind == "reply" or (kind == "error" and rid in self.calls):
+            future = self.calls.get(rid)
+            if future is not None and not future.done():
+                future.set_result(body) if kind == "reply" else future.set_exception(wire.error_in(body))
+            return
+        run = self.runs.get(rid)
+        if run is None:
+            return  # aborted here already
+        if kind == "tokens":
+            run.queue.put_nowait(body)
+        elif kind == "started":
+            run.on_started(*body)
+        elif kind in ("done", "error"):
+            self.runs.pop(rid, None)
+            run.on_done(*body) if kind == "done" else run.on_error(wire.error_in(body))
 
     async def _watch(self) -> None:
-        """Follow the supervisor's state feed (see `supervisor`)."""
+        """Follow the supervisor's state feed (see `supervisor`); a failure handling one message (the tokenizer could
+        not load) is logged and the next beat tries again."""
         while True:
-            state, generation, detail, restarts = wire.unpack(await self._status.recv())
-            if restarts > self._restarts_seen:
-                self.metrics.engine_restarts.inc(restarts - self._restarts_seen)
-                self._restarts_seen = restarts
-            if state == "up" and (self.state != "up" or generation != self.generation):
-                await self._up(generation, detail)
-            elif state in ("dead", "failed", "starting") and generation >= self.generation:
-                if state != "starting" or self.state == "up":
-                    self._lost(state, detail)
-                self.state, self.generation, self.detail = state, generation, detail
-                if state == "failed":
-                    self.startup_error = detail
+            message = await self._status.recv()
+            try:
+                await self._follow(*wire.unpack(message))
+            except Exception:
+                log.exception("the engine's state could not be followed")
+
+    async def _follow(self, state: str, generation: int, detail: Any, restarts: int) -> None:
+        if restarts > self._restarts_seen:
+            self.metrics.engine_restarts.inc(restarts - self._restarts_seen)
+            self._restarts_seen = restarts
+        if state == "up" and (self.state != "up" or generation != self.generation):
+            if self.state == "up":  # a death and restart this process missed entirely
+                self._lost("replaced", f"engine {self.generation} was replaced by engine {generation}")
+            await self._up(generation, detail)
+        elif state in ("dead", "failed", "starting") and generation >= self.generation:
+            if state != "starting" or self.state == "up":
+                self._lost(state, detail)
+            self.state, self.generation, self.detail = state, generation, detail
+            if state == "failed":
+                self.startup_error = detail
 
     async def _up(self, generation: int, info: dict[str, Any]) -> None:
         if self._codec is None:

@@ -65,25 +65,29 @@ async def _serve(settings: Settings, address: str, generation: int, pipe: Connec
     pipe.send(("up", {"source": source, "local": locate(source), "max_input_tokens": settings.max_input_tokens}))
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-    orphaned = asyncio.create_task(_until_orphaned(stopping))
+    watching = asyncio.create_task(_watchdog(service, stopping))
     core = EngineCore(service, socket, generation)
     serving = asyncio.create_task(core.serve())
     await stopping.wait()
     serving.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await serving
-    orphaned.cancel()
+    watching.cancel()
     await service.stop()
     socket.close()
     context.term()
 
 
-async def _until_orphaned(stopping: asyncio.Event) -> None:
-    """Stop when the server that started this engine is gone (SIGKILL leaves no one to send SIGTERM): the
-    forkserver it was forked from exits with the server, and this process is then re-parented."""
+async def _watchdog(service: Service, stopping: asyncio.Event) -> None:
+    """Stop when the server that started this engine is gone (SIGKILL leaves no one to send SIGTERM: the forkserver
+    it was forked from exits with the server, and this process is re-parented); exit at once if the step loop died
+    (a bug), so the supervisor starts a new engine instead of this one refusing everything."""
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
+        if not service.scheduler.loop.alive:
+            log.critical("the step loop died; the engine exits so that it is restarted")
+            os._exit(70)
     log.error("the server that started this engine is gone; stopping")
     stopping.set()
 

@@ -62,6 +62,7 @@ class Supervisor:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the engine (SIGTERM, then SIGKILL after `timeout_s`) and the watch."""
         self._stopping.set()
+        self._thread.join(timeout_s)  # first: it starts no engine once stopping, so `process` is the last one
         process = self.process
         if process is not None and process.is_alive():
             process.terminate()
@@ -69,7 +70,6 @@ class Supervisor:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self._thread.join(timeout_s)
         self._pub.close()
         self._zmq.term()
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -101,6 +101,8 @@ class Supervisor:
         self.process = process = self._context.Process(
             target=main, args=(settings, self.engine_address, self.generation, send), name="kronserve-engine"
         )
+        if self._stopping.is_set():
+            return "stopped", ""
         process.start()
         send.close()
         was_up = False
