@@ -11,6 +11,7 @@ replica call it directly. Forward passes and device-memory changes run on one th
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,7 +94,7 @@ class Engine:
         # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
         self.owner: Callable[[Callable[[], Any]], Any] = _in_place
         self.post: Callable[[Callable[[], Any]], None] = _in_place  # the same, not waiting for it to be done
-        self.registry.on_drop = lambda key: self.post(lambda: self.device.drop(key))
+        self.registry.on_drop = self._drop
         self._plans: dict[tuple, BatchPlan] = {}
         tok, gen = backbone.tokenizer, model.generation_config
         self.pad_id = tok.pad_token_id
@@ -118,6 +119,16 @@ class Engine:
         BARE for None. Runs between forward passes; `release` must follow."""
         wants = [None if e is None or c is None else (e.key, e.task, c) for e, c in zip(entries, packed, strict=True)]
         return self.owner(lambda: self.device.hold(wants))
+
+    def _drop(self, key: tuple) -> None:
+        """A version leaving the registry leaves the device on the owning thread: waited for, so what the registry
+        reports after is true, except on an event loop, which must not block on a step (then it is posted)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.owner(lambda: self.device.drop(key))
+        else:
+            self.post(lambda: (self.device.drop(key), self.registry.update_gauges()))
 
     def release(self, slots: Sequence[int]) -> None:
         self.owner(lambda: self.device.release(slots))

@@ -219,7 +219,7 @@ class Registry:
                         gone.append(k)
         for k in gone:
             self._forget(k)
-        self._update_gauges()
+        self.update_gauges()
 
     def fetch(self, entry: Entry) -> Compact:
         """The version's packed weights: from the host tier, or read from the store and validated (a host miss).
@@ -241,7 +241,7 @@ class Registry:
             with self._lock:
                 if self._active.get(entry.task) == entry:
                     self._unavailable[entry.task] = f"{e.code}: {e}"
-            self._update_gauges()
+            self.update_gauges()
             raise self._missing(entry.task) if entry.task in self._unavailable else e from e
         self.metrics.adapter_loads.labels("store").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
@@ -286,7 +286,7 @@ class Registry:
                     self._last_used.pop(task, None)
             if entry is not None:
                 self._retire(entry.key)
-        self._update_gauges()
+        self.update_gauges()
         return entry
 
     def evict(self, task: str) -> Entry | None:
@@ -299,7 +299,7 @@ class Registry:
                     self._last_used.pop(task, None)
             if entry is not None:
                 self._retire(entry.key)
-        self._update_gauges()
+        self.update_gauges()
         return entry
 
     def idle_s(self, task: str) -> float:
@@ -325,7 +325,7 @@ class Registry:
                 found = list(pool.map(lambda item: index(*item), refs))
         else:  # a local disk: the work is parsing, and threads would only fight over the GIL
             found = [index(t, ref) for t, ref in refs]
-        self._update_gauges()
+        self.update_gauges()
         if snapshot is not None:
             Snapshot.write(snapshot, self.fingerprint, list(self._active.values()), self._sizes)
         return [t for (t, _), ok in zip(refs, found, strict=True) if ok]
@@ -375,7 +375,7 @@ class Registry:
                     self._active.pop(task, None)
                 if current is not None:
                     self._retire(current.key)
-                self._update_gauges()
+                self.update_gauges()
                 return None
             if current is not None and (current.version, current.sha256) == (ref.version, ref.sha256):
                 return current
@@ -451,7 +451,7 @@ class Registry:
         if old is not None and old.key != entry.key:
             self._retire(old.key)
         if gauges:
-            self._update_gauges()
+            self.update_gauges()
         if self.on_new_version is not None:
             self.on_new_version(entry)
         return entry
@@ -475,7 +475,7 @@ class Registry:
         host = self.host.keys()
         return len(host) + sum(1 for k in self.device.versions() if k not in host)
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         self.metrics.adapters_active.set(len(self._active))
         self.metrics.adapters_unavailable.set(len(self._unavailable))
         self.metrics.adapters_resident.set(self.resident())
