@@ -70,6 +70,12 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def engine_pid(self) -> int:
+        """The engine process: the server's grandchild (forked from its forkserver)."""
+        (engine,) = (g for child in _children(self.pid) for g in _children(child))
+        return engine
+
     def rss_mb(self) -> float:
         """VmRSS of the server process in MB (MiB)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -91,3 +97,16 @@ async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def _children(parent: int) -> list[int]:
+    """Live child processes of `parent`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found

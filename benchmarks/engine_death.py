@@ -25,24 +25,6 @@ from kronserve.methods import init_tensors, preset
 LONG = {"task": "a", "inputs": ["a long generation"] * 32, "max_new_tokens": 512, "min_new_tokens": 512}
 
 
-def engine_of(pid: int) -> int:
-    """The engine process: the server's grandchild (forked from its forkserver)."""
-
-    def children(parent: int) -> list[int]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] != "Z":
-                found.append(int(stat.parent.name))
-        return found
-
-    (engine,) = (g for child in children(pid) for g in children(child))
-    return engine
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -66,7 +48,7 @@ def main() -> None:
             request.start()
             time.sleep(1.0)
             killed = time.monotonic()
-            os.kill(engine_of(server.pid), signal.SIGKILL)
+            os.kill(server.engine_pid, signal.SIGKILL)
             request.join()
             ((answer, answered),) = answers
             while httpx.get(f"{server.url}/readyz", timeout=10).status_code != 200:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from typing import Any
 
 import zmq
@@ -69,8 +70,11 @@ class RemoteRun:
             raise EngineRestarting("the engine sent nothing for this stream in time", retry_after=5) from None
         if pairs is None:
             return None
-        while not self.queue.empty() and (more := self.queue._queue[0]) is not None:  # type: ignore[attr-defined]
-            self.queue.get_nowait()
+        while not self.queue.empty():  # several steps' tokens at once: one batch for the text side
+            more = self.queue.get_nowait()
+            if more is None:
+                self.queue.put_nowait(None)  # the end, for the next call
+                break
             pairs = pairs + more
         return pairs
 
@@ -137,8 +141,6 @@ class EngineClient(TextFront):
 
     def wait_drained(self, timeout_s: float) -> None:
         """Block (off the event loop) until no request of this process is in the engine, or timeout."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         while self.runs and time.monotonic() < deadline:
             time.sleep(0.05)
