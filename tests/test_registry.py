@@ -87,3 +87,29 @@ def test_a_restart_registers_unchanged_versions_from_its_snapshot_and_rereads_ch
     assert again.registry.get("s1").spec.method == "houlsby" and "s2" in again.registry.unavailable()
     assert again.registry.get("s0").spec == first.registry.get("s0").spec and damaged is not None
     assert again.score(["s0"], ["x"], ["y"]).scores == first.score(["s0"], ["x"], ["y"]).scores
+
+
+def test_a_leased_version_answers_after_its_file_left_the_store(backbone, adapter_for, tmp_path) -> None:
+    """The store removes a replaced or deleted version's file at once; a request that leased it still gets its
+    weights (even with no host tier to cache them), the task never turns unavailable, and nothing stays once the
+    last lease ends."""
+    from kronserve.store import LocalStore
+
+    engine = Engine(backbone, store=LocalStore(tmp_path / "store"), host_adapter_mb=0)
+    registry = engine.registry
+    v1 = registry.upload("t", dumps(adapter_for("t", "compacter", seed=1)))
+    want = registry.fetch(v1).flat.clone()
+    (held_v1,) = registry.acquire(["t"])
+    v2 = registry.upload("t", dumps(adapter_for("t", "compacter", seed=2)))
+    assert [p.name for p in (tmp_path / "store" / "t").glob("v*")] == [
+        f"v{v2.version:06d}-{v2.sha256[:16]}.safetensors"
+    ]
+    assert registry.fetch(held_v1).flat.equal(want)
+    (held_v2,) = registry.acquire(["t"])
+    want_v2 = registry.fetch(held_v2).flat.clone()
+    registry.delete("t")
+    assert not (tmp_path / "store" / "t").exists()
+    assert registry.fetch(held_v1).flat.equal(want) and registry.fetch(held_v2).flat.equal(want_v2)
+    assert registry.unavailable() == {} and registry.metrics.adapters_unavailable._value.get() == 0
+    registry.release([held_v1, held_v2])
+    assert registry._kept == {} and registry.resident() == 0

@@ -10,7 +10,9 @@ Upload = validate -> write the version file (not active yet) -> move the store's
 the task's entry (one assignment under a lock). Moving the pointer is the commit point: a failure before
 it undoes the earlier steps, so the old version keeps serving and no file is left behind; the store never
 raises after it (see store/local.py). A request leases its entry at acceptance, so it finishes on the
-version it started with; a replaced or deleted version leaves the tiers when its last lease ends.
+version it started with; a replaced or deleted version leaves the tiers when its last lease ends. The store
+removes that version's file at once, so its weights are kept in memory from just before (`_before_removal`)
+until then: a request never reads a file that is gone.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ class Registry:
         self._unavailable: dict[str, str] = {}  # task -> why its active version in the store could not be loaded
         self._refs: Counter[tuple] = Counter()
         self._retired: set[tuple] = set()
+        # Weights of versions whose store file is being removed (replaced or deleted), kept in memory until their
+        # last lease ends: a request that leased one finishes on it even when the host tier has evicted it.
+        self._kept: dict[tuple, Compact] = {}
         self._last_used: dict[str, float] = {}
         self._started = time.monotonic()
         self._serials = itertools.count()
@@ -226,6 +231,9 @@ class Registry:
 
         A file that cannot be loaded makes its task unavailable (503 with the reason) until it is replaced.
         """
+        kept = self._kept.get(entry.key)
+        if kept is not None:
+            return kept
         return self.host.get(entry.key, lambda: self._load(entry))
 
     def _load(self, entry: Entry) -> Compact:
@@ -233,9 +241,7 @@ class Registry:
             raise StoreError(f"task {entry.task!r} version {entry.version}: its weights are no longer in memory")
         started = time.perf_counter()
         try:
-            ref = VersionRef(entry.task, entry.version, entry.sha256)
-            adapter = native.loads(self.store.read(ref), self.fingerprint)
-            packed = compact(adapter, self.device.dtype)
+            packed = self._read(entry)
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("store", e.code).inc()
             with self._lock:
@@ -246,6 +252,11 @@ class Registry:
         self.metrics.adapter_loads.labels("store").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
         return packed
+
+    def _read(self, entry: Entry) -> Compact:
+        assert self.store is not None
+        ref = VersionRef(entry.task, entry.version, entry.sha256)
+        return compact(native.loads(self.store.read(ref), self.fingerprint), self.device.dtype)
 
     # ---- writes ------------------------------------------------------------------------------
     def install(self, adapter: AdapterFile, version: int, sha256: str) -> Entry:
@@ -278,7 +289,7 @@ class Registry:
             if entry is None and task not in self._unavailable:
                 raise UnknownTask(f"unknown task {task!r}")
             if self.store is not None:
-                self.store.delete(task)
+                self._before_removal(entry, lambda: self.store.delete(task))
             with self._lock:
                 self._unavailable.pop(task, None)
                 if entry is not None:
@@ -393,11 +404,35 @@ class Registry:
             return self._swap(adapter, (current.version if current else 0) + 1, sha256_of(data), packed)
         ref = self.store.write(adapter.task, data)  # raises with nothing written
         try:
-            self._activate(ref)
+            self._before_removal(self._active.get(adapter.task), lambda: self._activate(ref))
         except BaseException:
             self._discard(ref)
             raise
         return self._swap(adapter, ref.version, ref.sha256, packed)
+
+    def _before_removal(self, entry: Entry | None, remove: Callable[[], None]) -> None:
+        """Run `remove` (a store change that removes `entry`'s file) with the version's weights kept in memory, so
+        requests that leased it (or lease it until the registry swaps) finish on it; `_forget` lets them go.
+
+        Kept whether leased or not: a request may lease it between this check and the swap. The read is one small
+        file, and only for a version the host tier no longer holds; one that cannot be read is not kept (its
+        requests fail as they would have)."""
+        if entry is None:
+            remove()
+            return
+        packed = self.host.peek(entry.key)
+        if packed is None:
+            try:
+                packed = self._read(entry)
+            except KronserveError as e:
+                log.warning("store: %s v%d cannot be kept for requests in flight: %s", entry.task, entry.version, e)
+        if packed is not None:
+            self._kept[entry.key] = packed
+        try:
+            remove()
+        except BaseException:
+            self._kept.pop(entry.key, None)
+            raise
 
     def _check_room(self, task: str) -> None:
         if task not in self._active and len(self._active) >= self.max_tasks:
@@ -467,6 +502,7 @@ class Registry:
             self._forget(key)
 
     def _forget(self, key: tuple) -> None:
+        self._kept.pop(key, None)
         self.host.drop(key)
         self.on_drop(key)
 
