@@ -12,6 +12,7 @@ import torch
 from kronserve.compact import compact
 from kronserve.engine import Engine
 from kronserve.errors import InvalidAdapter, PinRefused
+from kronserve.formats.native import dumps
 from kronserve.kernels import ACTIVATIONS
 from kronserve.plan import Route
 
@@ -193,3 +194,49 @@ def test_a_pin_whose_weights_cannot_be_read_is_not_recorded(backbone, monkeypatc
     with pytest.raises(OSError):
         engine.pin("t0")
     assert not engine.device.pinned("t0") and engine.device.pinned_bytes() == 0
+
+
+def test_a_pinned_tasks_bigger_new_version_is_refused_when_pins_would_pass_the_budget(backbone) -> None:
+    """Re-uploading a pinned task is checked like a pin: refused (nothing changes: its version, its pin, its
+    reservation) when its new size and the other pins pass the budget; accepted when it fits."""
+    engine, size = lru_engine(backbone, adapters=2)
+    engine.pin("t0")
+    engine.pin("t1")
+    bigger = dumps(make_adapter(backbone, "t0", "phm", seed=9))  # 16,512 bytes against 12,928
+    before = engine.registry.get("t0")
+    with pytest.raises(PinRefused, match="device budget"):
+        engine.registry.upload("t0", bigger)
+    assert engine.registry.get("t0") == before and engine.device.pinned("t0")
+    assert engine.device.pinned_bytes() == 2 * size
+    same_size = engine.registry.upload("t0", dumps(make_adapter(backbone, "t0", "compacter", seed=10)))
+    assert engine.device.resident(same_size.key) is not None and engine.device.pinned_bytes() == 2 * size
+    engine.unpin("t1")
+    engine.registry.upload("t0", bigger)  # fits beside nothing else pinned: accepted, its reservation its size
+    assert engine.device.pinned_bytes() == engine.device.reservation("t0") > size
+
+
+def test_upload_with_pin_and_a_pin_before_the_task_exists_are_checked_at_upload(backbone) -> None:
+    engine, size = lru_engine(backbone, adapters=2)
+    engine.pin("t0")
+    engine.pin("later")  # no such task yet: pinned, nothing reserved
+    assert engine.device.pinned_bytes() == size
+    with pytest.raises(PinRefused):
+        engine.registry.upload("later", dumps(make_adapter(backbone, "later", "houlsby", seed=1)))
+    with pytest.raises(PinRefused):
+        engine.registry.upload("fresh", dumps(make_adapter(backbone, "fresh", "houlsby", seed=1)), pin=True)
+    assert engine.registry.peek("later") is None and engine.registry.peek("fresh") is None
+    assert not engine.device.pinned("fresh") and engine.device.reservation("later") == 0
+    entry = engine.registry.upload("fresh", dumps(make_adapter(backbone, "fresh", "compacter", seed=1)), pin=True)
+    assert engine.device.pinned("fresh") and engine.device.resident(entry.key) is not None
+    assert engine.device.pinned_bytes() == 2 * size
+
+
+def test_an_unchecked_new_version_that_does_not_fit_unpins_its_task(backbone, caplog) -> None:
+    """A version that arrives from the store (another replica's upload) was never checked here: if it does not fit
+    beside the other pins, its task is unpinned (logged) rather than take the device past its budget."""
+    engine, size = lru_engine(backbone, adapters=2)
+    engine.pin("t0")
+    engine.pin("t1")
+    engine.load(make_adapter(backbone, "t0", "houlsby", seed=3), version=2)
+    assert not engine.device.pinned("t0") and engine.device.pinned_bytes() == size
+    assert "unpinned 't0'" in caplog.text

@@ -99,7 +99,7 @@ class DeviceTier:
         self._pools: dict[Layout, Pool] = {}
         self._by_key: OrderedDict[Key, Resident] = OrderedDict()  # least recently used first
         self._by_slot: dict[int, Resident] = {}
-        self._pinned: set[str] = set()
+        self._pinned: dict[str, int] = {}  # pinned task -> the bytes reserved for it in the budget
         self._next_slot = 0
         self.used_bytes = 0
         self.generation = 0  # changes whenever a pool's tensor or rows change: plans built before may be stale
@@ -115,8 +115,13 @@ class DeviceTier:
             return {r.key for r in held}, sum(r.nbytes for r in held), self.budget
 
     def pinned_bytes(self) -> int:
+        """The bytes reserved by pins: what pinned tasks need on the device, loaded yet or not."""
         with self._lock:
-            return sum(r.nbytes for r in self._by_key.values() if r.task in self._pinned and not r.retired)
+            return sum(self._pinned.values())
+
+    def reservation(self, task: str) -> int | None:
+        """The bytes pinned for `task` (None: not pinned)."""
+        return self._pinned.get(task)
 
     def count(self) -> int:
         return len(self._by_key)
@@ -234,13 +239,15 @@ class DeviceTier:
         self.used_bytes -= r.nbytes
         r.pool.free.append(r.row)
 
-    def pin(self, task: str) -> None:
+    def pin(self, task: str, nbytes: int) -> None:
+        """Keep `task`'s versions here, never evicted, with `nbytes` of the budget reserved for it (the engine checks
+        the reservations fit the budget: a pinned task's version is loaded even where the budget is full)."""
         with self._lock:
-            self._pinned.add(task)
+            self._pinned[task] = nbytes
 
     def unpin(self, task: str) -> None:
         with self._lock:
-            self._pinned.discard(task)
+            self._pinned.pop(task, None)
 
     # ---- plans (on the thread that owns the device) -------------------------------------------------------------
     def plan(self, route: Route) -> BatchPlan:

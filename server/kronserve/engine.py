@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .device_tier import DeviceTier
 from .errors import InvalidRequest, PinRefused
 from .formats.native import AdapterFile
 from .host_tier import HostTier
+from .methods import MethodSpec
 from .metrics import Metrics
 from .plan import BatchPlan, Route, SiteNames
 from .registry import Entry, Registry
@@ -37,6 +39,7 @@ from .store import AdapterStore
 from .t5_sites import base_norms, install_sites
 from .text import TextCodec
 
+log = logging.getLogger(__name__)
 MB = 1024 * 1024
 PLANS_KEPT = 2  # a step's plan survives the admission pass between two steps
 
@@ -90,6 +93,7 @@ class Engine:
         self.router = install_sites(model, self.geometry)
         self.registry = Registry(self.device, self.host, fp, store, metrics, max_adapters)
         self.registry.on_new_version = self._keep_pinned
+        self.registry.on_upload = self._pin_room
         # How work on device memory and forward passes reaches the one thread that owns them: the step loop sets it
         # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
         self.owner: Callable[[Callable[[], Any]], Any] = _in_place
@@ -148,34 +152,73 @@ class Engine:
         """Keep `task` on the device, never evicted: loaded now if registered (and at each new version).
 
         Refused (PinRefused) when the pinned adapters would need more than the device budget. The weights are read
-        first (a damaged file refuses the pin before it is recorded); the budget check and the pin then run together
-        on the owning thread, so concurrent pins cannot both pass it."""
+        first (a damaged file refuses the pin before it is recorded); the budget check, the reservation and the load
+        then run together on the owning thread, so concurrent pins cannot both pass the check. A task pinned before
+        it exists reserves nothing until its upload, which is checked then (`_pin_room`)."""
         entry = self.registry.peek(task)
         packed = None if entry is None else self.registry.fetch(entry)
         self.owner(lambda: self._pin(task, entry, packed))
 
     def _pin(self, task: str, entry: Entry | None, packed: Compact | None) -> None:
-        if entry is not None and not self.device.pinned(task):
-            size = packed_bytes(entry.spec, self.geometry, self.device.dtype)
-            pinned = self.device.pinned_bytes()
-            if pinned + size > self.device.budget:
-                raise PinRefused(
-                    f"pinning {task!r} ({size} bytes) would make pinned adapters need {pinned + size} bytes; "
-                    f"the device budget is {self.device.budget} (device_adapter_mb)"
-                )
-        self.device.pin(task)
+        self._reserve(task, 0 if entry is None else self._bytes(entry.spec))
         if entry is not None and packed is not None:
             self.device.release(self.device.hold([(entry.key, entry.task, packed)]))
+
+    def _reserve(self, task: str, size: int) -> int | None:
+        """Pin `task` with `size` bytes reserved (or what it has, if more), if all pins then fit the budget; else
+        PinRefused, changing nothing. Returns its reservation before (None: it was not pinned). Owning thread only."""
+        before = self.device.reservation(task)
+        want = max(size, before or 0)
+        pinned = self.device.pinned_bytes() - (before or 0) + want
+        if pinned > self.device.budget:
+            raise PinRefused(
+                f"pinning {task!r} ({want} bytes) would make pinned adapters need {pinned} bytes; "
+                f"the device budget is {self.device.budget} (device_adapter_mb)"
+            )
+        self.device.pin(task, want)
+        return before
+
+    @contextmanager
+    def _pin_room(self, task: str, spec: MethodSpec, pin: bool) -> Iterator[None]:
+        """Around an upload (the registry's `on_upload`): a new version of a pinned task, or one uploaded with
+        `pin`, must fit the device budget beside the other pins. Checked and reserved before the store changes (a
+        refusal is 409 `pin_refused` and nothing is written); undone if the upload then fails."""
+        if not (pin or self.device.pinned(task)):
+            yield
+            return
+        size = self._bytes(spec)
+        before = self.owner(lambda: self._reserve(task, size))
+        try:
+            yield
+        except BaseException:
+            self.owner(lambda: self.device.unpin(task) if before is None else self.device.pin(task, before))
+            raise
 
     def unpin(self, task: str) -> None:
         """Back to LRU: the task stays on the device until evicted."""
         self.owner(lambda: self.device.unpin(task))
 
     def _keep_pinned(self, entry: Entry) -> None:
-        """A pinned task's new version goes to the device at once."""
-        if self.device.pinned(entry.task):
-            packed = self.registry.fetch(entry)
-            self.owner(lambda: self.device.release(self.device.hold([(entry.key, entry.task, packed)])))
+        """A pinned task's new version goes to the device at once, its reservation now its own size. A version that
+        came from the store unchecked (another replica's upload) and does not fit beside the other pins unpins its
+        task rather than take the device past its budget."""
+        if not self.device.pinned(entry.task):
+            return
+        packed = self.registry.fetch(entry)
+
+        def keep() -> None:
+            try:
+                self.device.unpin(entry.task)  # its old reservation no longer counts: the new size replaces it
+                self._reserve(entry.task, self._bytes(entry.spec))
+            except PinRefused as e:
+                log.error("unpinned %r: its new version v%d does not fit: %s", entry.task, entry.version, e)
+                return
+            self.device.release(self.device.hold([(entry.key, entry.task, packed)]))
+
+        self.owner(keep)
+
+    def _bytes(self, spec: MethodSpec) -> int:
+        return packed_bytes(spec, self.geometry, self.device.dtype)
 
     def where(self, entry: Entry) -> dict[str, object]:
         """Where the version's weights are, and what they cost there (GET /v1/adapters/{task})."""
@@ -183,7 +226,7 @@ class Engine:
             "residency": {
                 "tier": self.registry.tier(entry),
                 "pinned": self.device.pinned(entry.task),
-                "bytes": packed_bytes(entry.spec, self.geometry, self.device.dtype),
+                "bytes": self._bytes(entry.spec),
             }
         }
 

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -145,6 +145,8 @@ class Registry:
         self._serials = itertools.count()
         self._sizes: dict[str, int] = {}  # task -> its indexed file's size (for the start-up snapshot)
         self.on_new_version: Callable[[Entry], None] | None = None  # the engine reloads pinned tasks' new versions
+        # Around each upload (task, its spec, pin it too): the engine refuses and reserves pins' device room there.
+        self.on_upload: Callable[[str, MethodSpec, bool], AbstractContextManager[None]] = _no_check
         self.on_drop: Callable[[tuple], None] = device.drop  # the engine routes it to the thread owning the device
 
     # ---- reads -------------------------------------------------------------------------------
@@ -265,14 +267,15 @@ class Registry:
         self._check_room(adapter.task)
         return self._swap(adapter, version, sha256, packed)
 
-    def upload(self, task: str, data: bytes) -> Entry:
-        """Validate, persist and serve `data` as `task`'s new version; on any failure nothing changes."""
+    def upload(self, task: str, data: bytes, pin: bool = False) -> Entry:
+        """Validate, persist and serve `data` as `task`'s new version (and pin the task, with `pin`); on any failure
+        nothing changes."""
         check_task_id(task)
         started = time.perf_counter()
         try:
             adapter = replace(native.loads(data, self.fingerprint), task=task)
             packed = compact(adapter, self.device.dtype)
-            with self._mutate:
+            with self._mutate, self.on_upload(task, adapter.spec, pin):
                 entry = self._persist(adapter, data, packed)
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("upload", e.code).inc()
@@ -515,3 +518,7 @@ class Registry:
         self.metrics.adapters_active.set(len(self._active))
         self.metrics.adapters_unavailable.set(len(self._unavailable))
         self.metrics.adapters_resident.set(self.resident())
+
+
+def _no_check(task: str, spec: MethodSpec, pin: bool) -> AbstractContextManager[None]:
+    return nullcontext()

@@ -143,13 +143,13 @@ class Service(TextFront):
         job = await scheduler.accept(entry, inputs, targets, params, TokenStream() if stream else None)
         return LocalRun(scheduler, job, Started(entry.task, entry.version, self.name))
 
-    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
+    async def upload(self, task: str, parts: dict[str, bytes], pin: bool = False) -> dict[str, object]:
         """A native file is stored as sent; another format is converted to native first."""
         self.engine  # noqa: B018 - raises NotReady while the backbone loads
-        entry = await asyncio.to_thread(self._upload, task, parts)
+        entry = await asyncio.to_thread(self._upload, task, parts, pin)
         if self.changes is not None:
             self.changes.publish(task)
-        return self._described(entry)
+        return self._described(entry, residency=pin)
 
     async def delete(self, task: str) -> None:
         registry = self.engine.registry
@@ -217,17 +217,17 @@ class Service(TextFront):
         if current is None or (current.version, current.sha256) != (pin.version, pin.sha256):
             await asyncio.to_thread(self.engine.registry.refresh, task)
 
-    def _upload(self, task: str, parts: dict[str, bytes]) -> Entry:
+    def _upload(self, task: str, parts: dict[str, bytes], pin: bool) -> Entry:
         registry = self.engine.registry
         if len(parts) == 1 and is_native(data := next(iter(parts.values()))):
-            return registry.upload(task, data)
+            return registry.upload(task, data, pin)
         try:
             weights = self.engine.backbone.weights
             adapter = to_adapter(parts, task, registry.fingerprint, self.settings.accept_pickle, weights)
         except KronserveError as e:
             registry.metrics.adapter_load_failures.labels("upload", e.code).inc()
             raise
-        return registry.upload(task, dumps(adapter))
+        return registry.upload(task, dumps(adapter), pin)
 
     def _build_engine(self) -> Engine:
         s = self.settings

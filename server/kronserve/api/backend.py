@@ -36,8 +36,9 @@ class Backend(Protocol):
 
     async def score(self, task: str, inputs: list[str], targets: list[str]) -> Result: ...
 
-    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
-        """Validate, persist and serve a new version; returns its description (and `replica`)."""
+    async def upload(self, task: str, parts: dict[str, bytes], pin: bool = False) -> dict[str, object]:
+        """Validate, persist and serve a new version (pinned too, with `pin`: refused with 409 `pin_refused`, nothing
+        written, where pins would pass the device budget); returns its description (and `replica`)."""
         ...
 
     async def delete(self, task: str) -> None: ...

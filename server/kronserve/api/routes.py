@@ -166,14 +166,14 @@ async def upload_adapter(
         bool, Query(description="also keep the task on the device, never evicted (see PUT .../pin)")
     ] = False,
 ) -> AdapterInfo:
-    """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts."""
+    """Upload a new version of `task`: a native file, or a saved AdapterHub directory's files, as `file` parts.
+
+    A pinned task's new version (or one sent with `pin=true`) must fit the device budget beside the other pinned
+    adapters: else 409 `pin_refused` and nothing changes (the task keeps its version and its pin)."""
     await backend.readiness()  # refuse (503) before reading a large body we could not serve
     body = await _read_limited(request, backend.settings.max_upload_bytes)
     parts = await _file_parts(request, body)
-    info = await backend.upload(task, parts)
-    if pin:
-        info = await backend.pin_task(task, True)
-    return _info(info, response)
+    return _info(await backend.upload(task, parts, pin), response)
 
 
 @router.get("/v1/adapters", response_model=list[AdapterInfo], responses=_errors(422, 503))

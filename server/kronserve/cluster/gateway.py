@@ -93,8 +93,8 @@ class ClusterBackend:
     async def adapter(self, task: str, *, residency: bool = False) -> dict[str, object]:
         return await self._forward(task, "adapter", task, await self._pin(task), residency)
 
-    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
-        return await self._forward(task, "upload", task, parts, retry=False)
+    async def upload(self, task: str, parts: dict[str, bytes], pin: bool = False) -> dict[str, object]:
+        return await self._forward(task, "upload", task, parts, pin, retry=False)
 
     async def delete(self, task: str) -> None:
         await self._forward(task, "delete", task, retry=False)

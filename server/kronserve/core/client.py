@@ -189,8 +189,8 @@ class EngineClient(TextFront):
                 raise
         return run
 
-    async def upload(self, task: str, parts: dict[str, bytes]) -> dict[str, object]:
-        return await self._call("upload", task, parts)
+    async def upload(self, task: str, parts: dict[str, bytes], pin: bool = False) -> dict[str, object]:
+        return await self._call("upload", task, parts, pin)
 
     async def delete(self, task: str) -> None:
         await self._call("delete", task)
