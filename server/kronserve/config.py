@@ -71,7 +71,11 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1, description="JSON body limit of predict and score requests (413 beyond)"
     )
     queue_size: int = Field(default=256, ge=1, description="queued requests before new ones get 503")
-    request_timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout (503 timeout)")
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="per-request timeout (503 timeout); a stream's bounds the wait for its first token and each gap",
+    )
     max_inputs: int = Field(default=64, ge=1, description="inputs per request")
     max_input_tokens: int = Field(
         default=512, ge=1, description="an input or target over this many tokens is refused (422), never truncated"
@@ -86,6 +90,12 @@ class Settings(BaseSettings):
     )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="answer 408 when a request body sends no bytes for this long"
+    )
+    stream_write_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="drop a client that takes no bytes of its answer this long once the buffers are full (a stream "
+        "nobody reads): its request leaves the engine",
     )
     max_connections: int = Field(
         default=1024, ge=1, description="open connections (or requests) before new ones get a plain 503 (uvicorn)"

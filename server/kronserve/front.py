@@ -82,22 +82,28 @@ class TextFront:
     ) -> AsyncIterator[Started | Delta | Result]:
         """`Started`, text deltas per input as tokens are decoded, then the `Result` (its texts are the deltas' sums).
 
-        Errors before the first event raise as `predict` does; leaving the iteration early (a client gone)
-        cancels the request: its rows leave the engine at the next step.
+        `Started` comes with the first tokens: whatever ends the request before them (a full queue, a timeout
+        while queued, an adapter that cannot be read) raises before the first event, as `predict` does, so the
+        API answers it with the same status and headers. Leaving the iteration early (a client gone) cancels the
+        request: its rows leave the engine at the next step.
         """
         codec = self.codec
         ids = await self._tokenize(inputs)
         run = await self.open_run(task, ids, None, params, pin, stream=True)
         text = StreamText(codec.decode, len(ids), params.stop)
         try:
+            pairs = await run.tokens()
+            if pairs is None:
+                await run.result()  # ended before its first token: its error raises here
             yield run.started
-            while (pairs := await run.tokens()) is not None:
+            while pairs is not None:
                 for index, token in pairs:
                     delta, stopped = text.add(index, token)
                     if stopped:
                         run.stop(index)
                     if delta:
                         yield Delta(index, delta)
+                pairs = await run.tokens()
             finals = []
             for i, output in enumerate(await run.result()):
                 delta, final = text.finish(i, _generation(codec, output))

@@ -46,12 +46,13 @@ class Job:
     inputs: list[list[int]]  # token ids, EOS included
     targets: list[list[int]] | None  # score requests
     params: GenerationParams | None  # predict requests (None: score)
-    deadline: float  # time.monotonic() after which nobody waits for the answer
+    deadline: float  # time.monotonic() after which nobody waits for the answer (a stream's moves with its tokens)
     future: asyncio.Future[Any]
     accepted: float = field(default_factory=time.perf_counter)  # when the scheduler took it (queue wait from here)
     cancelled: bool = False  # the caller gave up (set on the event loop)
     failed: bool = False  # the engine answered it with an error while its other rows still ran
     stream: TokenStream | None = None
+    patience_s: float = 0.0  # a stream's deadline is this long after its last token (set by the engine thread)
     slot: int | None = None  # its device slot while the engine holds it there (from admission to leaving)
     next_input: int = 0  # inputs before this one are admitted (a request may be admitted over several steps)
     stalled: bool = False  # started, and passed over at the last step (it goes first at the next)
@@ -100,6 +101,12 @@ class Job:
         new = self.params.max_new_tokens if self.params else 0
         beams = self.params.num_beams if self.params else 1
         return beams * (len(self.inputs[index]) + new)
+
+    def streamed(self, pairs: list[tuple[int, int]]) -> None:
+        """Hand one step's tokens to the stream (engine thread); the stream has `patience_s` again for its next."""
+        assert self.stream is not None
+        self.deadline = max(self.deadline, time.monotonic() + self.patience_s)
+        self.stream.push(pairs)
 
     def take_lease(self) -> bool:
         """True exactly once: the caller then releases the entry."""

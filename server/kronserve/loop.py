@@ -38,7 +38,7 @@ from .batch import DecodeBatch, Member, spans
 from .decoding import BeamSequence, Sequence, greedy_tokens
 from .engine import Engine
 from .errors import KronserveError
-from .jobs import Job, TokenStream
+from .jobs import Job
 from .messages import Output
 from .metrics import Metrics
 from .running import RunningBatch
@@ -362,12 +362,12 @@ class DecodeLoop:
     def _publish(members: list[Member]) -> None:
         """Each streamed one-row sequence's new token, handed over once per request (beams have no token to stream
         until they end)."""
-        step: dict[int, tuple[TokenStream, list[tuple[int, int]]]] = {}
+        step: dict[int, tuple[Job, list[tuple[int, int]]]] = {}
         for m in members:
             if m.job.stream is not None and isinstance(m.seq, Sequence) and m.seq.tokens and not m.job.failed:
-                step.setdefault(id(m.job), (m.job.stream, []))[1].append((m.index, m.seq.tokens[-1]))
-        for stream, pairs in step.values():
-            stream.push(pairs)
+                step.setdefault(id(m.job), (m.job, []))[1].append((m.index, m.seq.tokens[-1]))
+        for job, pairs in step.values():
+            job.streamed(pairs)
 
     def _leave(self) -> None:
         """Answer the requests whose sequences are all done; their rows (and failed requests' rows) leave."""

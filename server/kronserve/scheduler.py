@@ -81,8 +81,9 @@ class Scheduler:
         except BaseException:
             self.engine.registry.release([entry])
             raise
+        deadline = time.monotonic() + self.timeout_s
         job = Job(
-            entry, packed, inputs, targets, params, time.monotonic() + self.timeout_s, self._future(), stream=stream
+            entry, packed, inputs, targets, params, deadline, self._future(), stream=stream, patience_s=self.timeout_s
         )
         refused = self.refusal()
         if refused is not None:
@@ -93,15 +94,29 @@ class Scheduler:
         return job
 
     async def wait(self, job: Job) -> list:
-        """The accepted job's values; a timeout or the caller giving up cancels it (its rows leave at the next step)."""
+        """The accepted job's values; a timeout or the caller giving up cancels it (its rows leave at the next step).
+
+        A stream's timeout bounds the wait for its first token and each gap between two, not the whole generation:
+        its deadline moves with every token (a client reading a long answer as it comes is never cut off)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=job.deadline - time.monotonic())
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(job.future), timeout=job.deadline - time.monotonic())
+                except TimeoutError:
+                    if not self._moved_on(job):
+                        raise
         except TimeoutError:
             self._cancel(job)
-            raise RequestTimeout(f"request did not finish within {self.timeout_s:g} s", retry_after=1) from None
+            what = "sent no token" if job.stream is not None else "did not finish"
+            raise RequestTimeout(f"request {what} within {self.timeout_s:g} s", retry_after=1) from None
         except asyncio.CancelledError:
             self._cancel(job)
             raise
+
+    @staticmethod
+    def _moved_on(job: Job) -> bool:
+        """A stream whose deadline the engine moved on (a token came) since this wait began."""
+        return job.deadline > time.monotonic()
 
     async def submit(
         self,

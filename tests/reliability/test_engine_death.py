@@ -57,6 +57,7 @@ def test_a_dead_engine_answers_its_requests_503_and_comes_back_with_everything(
     for w in workers:
         w.start()
     until(lambda: metric(server.url, "kronserve_queue_wait_seconds_count") >= admitted + 2, "never both admitted")
+    until(lambda: streamed, "the stream never began (it does with its first tokens)")
     os.kill(server.engine_pid, signal.SIGKILL)
     for w in workers:
         w.join(TIMEOUT)

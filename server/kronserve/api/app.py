@@ -24,7 +24,7 @@ from ..errors import KronserveError
 from ..metrics import Metrics
 from ..service import Service
 from .backend import Backend
-from .connections import BodyDeadline, head_deadline
+from .connections import BodyDeadline, deadlines
 from .errors import install_error_handlers
 from .openai import router as openai_router
 from .routes import router
@@ -211,7 +211,7 @@ def _serve_workers(settings: Settings, supervisor: Any, stop_api: list[Callable[
     data["admin_token"] = settings.admin_token.get_secret_value() if settings.admin_token else None
     os.environ[WORKER_SETTINGS] = json.dumps(data)
     os.environ[WORKER_ENGINE], os.environ[WORKER_STATUS] = supervisor.engine_address, supervisor.status_address
-    options = _uvicorn_options(settings) | {"http": "kronserve.api.connections:WorkerHeadDeadline"}
+    options = _uvicorn_options(settings) | {"http": "kronserve.api.connections:WorkerDeadlines"}
     config = uvicorn.Config("kronserve.api.app:worker_app", factory=True, workers=settings.api_workers, **options)
     workers = Multiprocess(config, sockets=[config.bind_socket()])
     stop_api.append(workers.should_exit.set)
@@ -231,7 +231,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "limit_concurrency": settings.max_connections,
-        "http": head_deadline(settings.header_timeout_s),
+        "http": deadlines(settings.header_timeout_s, settings.stream_write_timeout_s),
     }
 
 

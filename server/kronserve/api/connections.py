@@ -1,9 +1,10 @@
-"""What a slow or vanished client may hold: deadlines for the request head and body, on top of uvicorn's own.
+"""What a slow or vanished client may hold: deadlines for the request head, body and answer, on top of uvicorn's own.
 
 uvicorn times out idle keep-alive connections and caps concurrency (`timeout_keep_alive`,
 `limit_concurrency`, passed from Settings in `app.serve`), but it waits forever for a request head
-that trickles in and for a body that stalls. `HeadDeadline` closes a connection whose request head
-is not complete `header_timeout_s` after its first byte (or after the connection opened);
+that trickles in, for a body that stalls and for a client that stops reading its answer. `Deadlines`
+closes a connection whose request head is not complete `header_timeout_s` after its first byte (or
+after the connection opened), and aborts one whose answer has not moved for `stream_write_timeout_s`;
 `BodyDeadline` answers 408 `body_timeout` when no body bytes came for `body_timeout_s`, and 499
 `client_closed` when the client leaves mid-body (never a 5xx: nothing went wrong on our side).
 """
@@ -57,38 +58,45 @@ class BodyDeadline:
         await self.app(scope, receive_in_time, send)
 
 
-class HeadDeadline(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus: a request head must be complete `header_timeout_s` after the
-    connection opens, or after its first byte on a kept-alive connection (until then keep-alive's timer runs);
-    else the connection is closed."""
+class Deadlines(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus two deadlines:
+    - a request head must be complete `header_timeout_s` after the connection opens, or after its first byte on a
+      kept-alive connection (until then keep-alive's timer runs); else the connection is closed;
+    - an answer being written must move: once the transport's buffer is full (the client reads nothing, and the
+      kernel's buffers are full too) and stays full for `write_timeout_s`, the connection is aborted. uvicorn
+      would wait forever; the aborted stream's generator is closed, so its request leaves the engine."""
 
     header_timeout_s = 10.0
+    write_timeout_s = 30.0
     _head_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
 
     def on_message_begin(self) -> None:
         if self._head_timer is None:
-            self._arm()
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._head_timer = _cancelled(self._head_timer)
         super().on_headers_complete()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_stuck)
+
+    def resume_writing(self) -> None:
+        self._write_timer = _cancelled(self._write_timer)
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._head_timer = _cancelled(self._head_timer)
+        self._write_timer = _cancelled(self._write_timer)
         super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -96,14 +104,30 @@ class HeadDeadline(HttpToolsProtocol):
             self.logger.info("closing a connection whose request head took over %g s", self.header_timeout_s)
             self.transport.close()
 
+    def _write_stuck(self) -> None:
+        self._write_timer = None
+        self.logger.info("dropping a connection that took no bytes of its answer for %g s", self.write_timeout_s)
+        self.transport.abort()  # close() would wait to flush what the client does not read
 
-def head_deadline(header_timeout_s: float) -> type[HeadDeadline]:
-    """The protocol class uvicorn builds per connection, with this deadline (uvicorn passes no extra arguments)."""
-    return type("HeadDeadlineProtocol", (HeadDeadline,), {"header_timeout_s": header_timeout_s})
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
-class WorkerHeadDeadline(HeadDeadline):
-    """`head_deadline` for `api_workers` processes, which uvicorn starts by pickling their config (a class made on the
-    fly cannot be): the deadline comes from the settings `serve` hands the workers in its environment."""
+def deadlines(header_timeout_s: float, write_timeout_s: float) -> type[Deadlines]:
+    """The protocol class uvicorn builds per connection, with these deadlines (uvicorn passes no extra arguments)."""
+    return type(
+        "DeadlinesProtocol", (Deadlines,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s}
+    )
 
-    header_timeout_s = float(json.loads(os.environ.get("KRONSERVE_WORKER_SETTINGS", "{}")).get("header_timeout_s", 10))
+
+_WORKER_SETTINGS = json.loads(os.environ.get("KRONSERVE_WORKER_SETTINGS", "{}"))
+
+
+class WorkerDeadlines(Deadlines):
+    """`deadlines` for `api_workers` processes, which uvicorn starts by pickling their config (a class made on the
+    fly cannot be): the deadlines come from the settings `serve` hands the workers in its environment."""
+
+    header_timeout_s = float(_WORKER_SETTINGS.get("header_timeout_s", Deadlines.header_timeout_s))
+    write_timeout_s = float(_WORKER_SETTINGS.get("stream_write_timeout_s", Deadlines.write_timeout_s))
