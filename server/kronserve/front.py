@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from .errors import KronserveError
-from .messages import Delta, Generation, GenerationParams, Output, Result, Started
+from .messages import Delta, Generation, GenerationParams, Output, Prompt, Result, Started
 from .store import VersionRef
 from .streaming import StreamText
 from .text import TextCodec
@@ -66,7 +66,7 @@ class TextFront:
         raise NotImplementedError
 
     async def predict(
-        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+        self, task: str, inputs: list[Prompt], params: GenerationParams, pin: VersionRef | None = None
     ) -> Result:
         if params.stop:  # stop strings are found in the text as it comes: the stream's path
             events = [e async for e in self.predict_stream(task, inputs, params, pin)]
@@ -78,7 +78,7 @@ class TextFront:
         return Result(s.task, s.version, [_generation(codec, o) for o in outputs], s.replica)
 
     async def predict_stream(
-        self, task: str, inputs: list[str], params: GenerationParams, pin: VersionRef | None = None
+        self, task: str, inputs: list[Prompt], params: GenerationParams, pin: VersionRef | None = None
     ) -> AsyncIterator[Started | Delta | Result]:
         """`Started`, text deltas per input as tokens are decoded, then the `Result` (its texts are the deltas' sums).
 
@@ -90,25 +90,29 @@ class TextFront:
         codec = self.codec
         ids = await self._tokenize(inputs)
         run = await self.open_run(task, ids, None, params, pin, stream=True)
-        text = StreamText(codec.decode, len(ids), params.stop)
+        text = StreamText(codec.decode, len(ids), params.stop, params.include_stop)
+        prompt, generated = sum(map(len, ids)), 0
         try:
             pairs = await run.tokens()
             if pairs is None:
                 await run.result()  # ended before its first token: its error raises here
             yield run.started
             while pairs is not None:
+                generated += len(pairs)
                 for index, token in pairs:
                     delta, stopped = text.add(index, token)
                     if stopped:
                         run.stop(index)
                     if delta:
-                        yield Delta(index, delta)
+                        yield Delta(index, delta, prompt, generated)
                 pairs = await run.tokens()
             finals = []
-            for i, output in enumerate(await run.result()):
+            outputs = await run.result()
+            generated = sum(len(o.ids) for o in outputs)
+            for i, output in enumerate(outputs):
                 delta, final = text.finish(i, _generation(codec, output))
                 if delta:
-                    yield Delta(i, delta)
+                    yield Delta(i, delta, prompt, generated)
                 finals.append(final)
             s = run.started
             yield Result(s.task, s.version, finals, s.replica)
@@ -122,7 +126,10 @@ class TextFront:
         s = run.started
         return Result(s.task, s.version, values, s.replica)
 
-    async def _tokenize(self, texts: list[str], what: str = "input") -> list[list[int]]:
+    async def _tokenize(self, texts: list[Prompt] | list[str], what: str = "input") -> list[list[int]]:
+        """Token ids of each input; an input given as ids (an OpenAI token-id prompt) is checked, not tokenized."""
+        if any(not isinstance(t, str) for t in texts):
+            return self.codec.checked_ids(texts, what)
         if sum(map(len, texts)) <= INLINE_CHARS:
             return self.codec.tokenize(texts, what)
         return await asyncio.to_thread(self.codec.tokenize, texts, what)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SAMPLING_EPS = 1e-5
+Prompt = str | list[int]  # an input as text, or as token ids (OpenAI's token-id prompts)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class GenerationParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the text ends before the first of these (its finish reason is then "stop")
+    include_stop: bool = False  # ... or with it (vLLM's include_stop_str_in_output)
 
     @property
     def sampling(self) -> bool:
@@ -60,10 +62,13 @@ class Started:
 
 @dataclass(frozen=True)
 class Delta:
-    """Text decoded since the last delta of input `index` (a stream's event)."""
+    """Text decoded since the last delta of input `index` (a stream's event), and the request's token counts so far
+    (all inputs: prompt tokens, tokens generated) for usage in every chunk."""
 
     index: int
     text: str
+    prompt_tokens: int = 0
+    generated: int = 0
 
 
 @dataclass(frozen=True)

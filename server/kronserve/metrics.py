@@ -32,6 +32,20 @@ _LOAD = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Label values known in advance: their series exist at 0 from the start (see Metrics._zeroed).
+TIERS = ("device", "host")
+CANCEL_STAGES = ("queued", "running")
+LOAD_SOURCES = ("store", "upload")
+LOAD_FAILURE_CODES = (
+    "invalid_adapter",
+    "unsupported_format",
+    "invalid_spec",
+    "backbone_mismatch",
+    "bank_full",
+    "pin_refused",
+    "store_error",
+    "store_conflict",
+)
 
 
 def _version_of(dist: str) -> str:
@@ -184,6 +198,22 @@ class Metrics:
         self._max_tasks = max_tasks
         self._labelled: set[str] = set()
         self._lock = threading.Lock()
+        self._zeroed()
+
+    def _zeroed(self) -> None:
+        """Every series whose label values are known exists from the start, at 0: a dashboard or an alert on a
+        failure counter shows 0 until the first failure, not "no data"."""
+        for tier in TIERS:
+            for family in (self.tier_hits, self.tier_misses, self.tier_evictions, self.tier_load_seconds):
+                family.labels(tier)
+            for gauge in (self.tier_adapters, self.tier_bytes, self.tier_budget_bytes):
+                gauge.labels(tier)
+        for stage in CANCEL_STAGES:
+            self.cancelled.labels(stage)
+        for source in LOAD_SOURCES:
+            self.adapter_loads.labels(source)
+            for code in LOAD_FAILURE_CODES:
+                self.adapter_load_failures.labels(source, code)
 
     def task_label(self, task: str) -> str:
         with self._lock:

@@ -36,8 +36,11 @@ class _Input:
 
 
 class StreamText:
-    def __init__(self, decode: Callable[[list[int]], str], inputs: int, stop: Sequence[str] = ()) -> None:
-        self.decode, self.stop = decode, tuple(s for s in stop if s)
+    def __init__(
+        self, decode: Callable[[list[int]], str], inputs: int, stop: Sequence[str] = (), include_stop: bool = False
+    ) -> None:
+        """`include_stop`: an input's text ends with the stop string it met, not before it."""
+        self.decode, self.stop, self.include_stop = decode, tuple(s for s in stop if s), include_stop
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self._inputs = [_Input() for _ in range(inputs)]
 
@@ -62,10 +65,10 @@ class StreamText:
         """(the rest of the text to send, the final answer): cut at a stop string, which makes it "stop"."""
         state = self._inputs[index]
         cut = state.cut
-        if cut is None:
-            at = self._stop_at(answer.text, 0)
-            cut = answer.text if at is None else answer.text[:at]
-        reason = "stop" if cut != answer.text else answer.finish_reason
+        if cut is None and (at := self._stop_at(answer.text, 0)) is not None:
+            cut = answer.text[:at]
+        reason = answer.finish_reason if cut is None else "stop"
+        cut = answer.text if cut is None else cut
         sent = state.text[: state.sent]
         rest = cut[len(sent) :] if len(cut) > len(sent) and cut.startswith(sent) else ""
         state.sent = len(cut)
@@ -82,8 +85,12 @@ class StreamText:
         return text[len(context) :]
 
     def _stop_at(self, text: str, start: int) -> int | None:
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        """Where the text ends because of the first stop string found from `start` (before it, or after it)."""
+        hits = [(i, len(s)) for s in self.stop if (i := text.find(s, start)) >= 0]
+        if not hits:
+            return None
+        at, length = min(hits)
+        return at + length if self.include_stop else at
 
     @staticmethod
     def _send(state: _Input, upto: int) -> str:

@@ -50,5 +50,20 @@ class TextCodec:
                 raise InvalidRequest(f"{what} {i} has {len(row)} tokens; the limit is {self.max_input_tokens}")
         return ids
 
+    def checked_ids(self, rows: Sequence[object], what: str = "input") -> list[list[int]]:
+        """Inputs given as token ids, used as sent (no EOS added): each a non-empty list of ids the tokenizer knows,
+        within the length limit; InvalidRequest names the first that is not."""
+        vocab = len(self.tokenizer)
+        out = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or not row or not all(type(t) is int for t in row):
+                raise InvalidRequest(f"{what} {i} must be text or a non-empty list of token ids, not both mixed")
+            if len(row) > self.max_input_tokens:
+                raise InvalidRequest(f"{what} {i} has {len(row)} tokens; the limit is {self.max_input_tokens}")
+            if bad := [t for t in row if not 0 <= t < vocab]:
+                raise InvalidRequest(f"{what} {i} has token id {bad[0]}, outside this tokenizer's 0..{vocab - 1}")
+            out.append(list(row))
+        return out
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

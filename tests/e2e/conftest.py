@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from kronserve.backbone import load_backbone
@@ -115,3 +116,19 @@ def adapter_bytes(tiny_dir: Path):
 def upload(url: str, task: str, data: bytes, token: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.put(f"{url}/v1/adapters/{task}", files={"file": ("a.safetensors", data)}, headers=headers, timeout=30)
+
+
+CHATTY = "chatty"  # a LoRA strong enough that the tiny backbone writes varied, multi-byte text
+
+
+@pytest.fixture(scope="module")
+def chatty(server: Server, tiny_dir: Path) -> Server:
+    """`server` serving CHATTY (the OpenAI tests' model)."""
+    data = dumps(make_adapter(load_backbone(str(tiny_dir), device="cpu"), CHATTY, "lora", seed=6, std=2.0))
+    assert upload(server.url, CHATTY, data).status_code == 201
+    return server
+
+
+@pytest.fixture
+def client(chatty: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{chatty.url}/v1", api_key="unused", max_retries=0)

@@ -6,34 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from kronserve.backbone import load_backbone
-from kronserve.formats.native import dumps
 from kronserve_client import AsyncKronserveClient, KronserveClient, PredictResult, Sampling, StreamDelta
 
-from ..conftest import make_adapter
 from ..reliability.conftest import metric, metric_samples
 from ..test_cli import console
-from .conftest import Server, upload
+from .conftest import CHATTY, Server
 
-TASK = "chatty"  # a LoRA strong enough that the tiny backbone writes varied, multi-byte text
-
-
-@pytest.fixture(scope="module")
-def chatty(server: Server, tiny_dir: Path) -> Server:
-    data = dumps(make_adapter(load_backbone(str(tiny_dir), device="cpu"), TASK, "lora", seed=6, std=2.0))
-    assert upload(server.url, TASK, data).status_code == 201
-    return server
-
-
-@pytest.fixture
-def client(chatty: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{chatty.url}/v1", api_key="unused", max_retries=0)
+TASK = CHATTY
 
 
 def predict(url: str, inputs: list[str], n: int, **extra) -> httpx.Response:

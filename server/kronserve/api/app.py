@@ -72,7 +72,28 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.add_middleware(JsonBodyLimit, limit=settings.max_request_bytes, metrics=service.metrics)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_middleware(HeadAsGet)
     return app
+
+
+class HeadAsGet:
+    """HEAD answers every GET route as GET does, without a body (FastAPI routes answer GET only: HEAD was 405;
+    load generators such as aiperf probe `HEAD /metrics` first). Elsewhere, HEAD gets the 405 GET would."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class JsonBodyLimit:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from ..config import Settings
-from ..messages import Delta, GenerationParams, Result, Started
+from ..messages import Delta, GenerationParams, Prompt, Result, Started
 from ..metrics import Metrics
 
 
@@ -26,10 +26,10 @@ class Backend(Protocol):
         """The `/readyz` body; raises NotReady (503) when requests would not be served."""
         ...
 
-    async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result: ...
+    async def predict(self, task: str, inputs: list[Prompt], params: GenerationParams) -> Result: ...
 
     def predict_stream(
-        self, task: str, inputs: list[str], params: GenerationParams
+        self, task: str, inputs: list[Prompt], params: GenerationParams
     ) -> AsyncIterator[Started | Delta | Result]:
         """`Started`, then text deltas as tokens are decoded, then the `Result`; closing it cancels the request."""
         ...

@@ -24,6 +24,7 @@ def checked_params(
     top_k: int = 0,
     seed: int | None = None,
     stop: tuple[str, ...] = (),
+    include_stop: bool = False,
     names: dict[str, str] | None = None,
 ) -> GenerationParams:
     """Settings within the server's limits; `max_new_tokens` None: min(32, the limit). `names` maps kronserve's
@@ -48,7 +49,7 @@ def checked_params(
         raise InvalidRequest(
             "num_beams > 1 is beam search: it cannot be combined with sampling (temperature > 0)", "num_beams"
         )
-    return GenerationParams(max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop)
+    return GenerationParams(max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop, include_stop)
 
 
 async def opened(events: AsyncIterator[Event]) -> Started:

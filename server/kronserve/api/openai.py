@@ -22,7 +22,7 @@ from ..errors import InvalidRequest, KronserveError, Overloaded, UnknownTask
 from ..messages import Delta, Generation, GenerationParams, Result, Started
 from .errors import endpoint_of, status_of
 from .generation import Event, checked_params, event, opened, sse
-from .openai_schemas import NEUTRAL, ChatRequest, CompletionRequest, OpenAIErrorResponse, _Sampling
+from .openai_schemas import NEUTRAL, ChatRequest, CompletionRequest, OpenAIErrorResponse, _Sampling, is_neutral
 from .routes import BackendDep, _check_limits, _count, _headers, until_disconnected
 
 
@@ -47,7 +47,7 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as e:
                 first = e.errors()[0] if e.errors() else {}
-                loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+                loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
                 if first.get("type") == "json_invalid":
                     return _error(request, 400, "malformed_json", "the body is not valid JSON", None)
                 param = ".".join(loc) or None
@@ -92,7 +92,7 @@ async def get_model(request: Request, backend: BackendDep) -> dict[str, Any]:
 
 @router.post("/v1/completions", responses={**_errors(400, 404, 413, 422, 503), 200: _STREAMED})
 async def completions(body: CompletionRequest, backend: BackendDep, request: Request, response: Response) -> Any:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = _prompts(body.prompt)
     if not prompts:
         raise InvalidRequest("prompt must not be empty", "prompt")
     # OpenAI's default of 16, capped by the server's limit when the client did not ask for it.
@@ -130,23 +130,35 @@ def _params(backend: BackendDep, body: _Sampling, max_tokens: int | None, names:
     for name, value in (body.model_extra or {}).items():
         if name not in NEUTRAL:
             raise Unsupported(f"unrecognized request argument: {name}", name)
-        if value not in NEUTRAL[name]:
+        if not is_neutral(name, value):
             raise Unsupported(f"{name}={value!r} is not supported by kronserve", name)
+    for name in (body.stream_options.model_extra or {}) if body.stream_options else ():
+        raise Unsupported(f"unrecognized stream option: {name}", f"stream_options.{name}")
     if body.n != 1:
         raise Unsupported("n > 1 is not supported by kronserve (send the request n times with different seeds)", "n")
     if len(body.stops()) > 4:
         raise InvalidRequest("stop takes at most 4 strings", "stop")
+    if body.ignore_eos:  # as vLLM: every sequence runs to max_tokens
+        max_tokens = max_tokens if max_tokens is not None else min(32, backend.settings.max_new_tokens)
     return checked_params(
         backend.settings,
         max_tokens,
-        min_new_tokens=body.min_tokens,
+        min_new_tokens=max_tokens if body.ignore_eos else body.min_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
         seed=body.seed,
         stop=body.stops(),
+        include_stop=body.include_stop_str_in_output,
         names={"min_new_tokens": "min_tokens", **names},
     )
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt or a list, as text or token ids ([int] is one prompt of ids)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)
 
 
 def _last_user_message(body: ChatRequest) -> str:
@@ -171,14 +183,21 @@ async def _stream(
 ) -> StreamingResponse:
     events = backend.predict_stream(body.model, prompts, params)
     started = await opened(events)
-    usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    usage = bool(options and options.include_usage)
+    every_chunk = usage and bool(options and options.continuous_usage_stats)  # as vLLM: only with include_usage
     endpoint = "chat" if isinstance(body, ChatRequest) else "completions"
 
     def encode(e: Event) -> list[bytes]:
+        out = chunks(e, usage)
+        if every_chunk and isinstance(e, Delta):
+            out = [{**c, "usage": _counts(e.prompt_tokens, e.generated)} for c in out]
         if isinstance(e, Result):
             _count(backend, e, endpoint)
-            return [*(event(c) for c in chunks(e, usage)), event("[DONE]")]
-        return [event(c) for c in chunks(e, usage)]
+            if every_chunk:
+                out = [c if "usage" in c else {**c, "usage": _usage(e.values)} for c in out]
+            return [*(event(c) for c in out), event("[DONE]")]
+        return [event(c) for c in out]
 
     def error(e: KronserveError) -> bytes:
         body = {"error": {"message": str(e), "type": _type(status_of(e)), "param": None, "code": e.code}}
@@ -261,8 +280,10 @@ class _Reply:
 
 
 def _usage(generations: list[Generation]) -> dict[str, int]:
-    prompt = sum(g.prompt_tokens for g in generations)
-    completion = sum(g.tokens for g in generations)
+    return _counts(sum(g.prompt_tokens for g in generations), sum(g.tokens for g in generations))
+
+
+def _counts(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -276,6 +297,15 @@ def _model(info: dict[str, Any]) -> dict[str, Any]:
         "kronserve_version": info["version"],
         "method": info["method"],
     }
+
+
+# How pydantic names the member of a union or the validator that failed in an error's location (`prompt.str`,
+# `prompt.list[int].0`): not a field the client sent, so left out of `param`.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part.startswith("function-"))
 
 
 def _type(status: int) -> str:

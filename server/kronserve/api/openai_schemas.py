@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# OpenAI (and vLLM) fields kronserve does not implement: accepted only with their neutral value.
+# OpenAI (and vLLM) fields kronserve does not implement: accepted only with their neutral value (compared by type and
+# value: `0` is not `False`).
 NEUTRAL: dict[str, Any] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
-    "suffix": (None,),
+    "suffix": (None, ""),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0),
@@ -25,7 +28,7 @@ NEUTRAL: dict[str, Any] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
+    "parallel_tool_calls": (None, True, False),  # with no tools, either value means nothing
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -37,15 +40,31 @@ NEUTRAL: dict[str, Any] = {
 }
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+def is_neutral(name: str, value: Any) -> bool:
+    return any(type(value) is type(n) and value == n for n in NEUTRAL[name])
 
 
-class _Sampling(BaseModel):
-    """Fields both routes share. Unknown fields are kept (`extra="allow"`) so the route can name them in its 400."""
+class _Nullable(BaseModel):
+    """An explicit `null` means the field's default, as in OpenAI's schema (clients send nulls for what they leave
+    unset); unknown fields are kept (`extra="allow"`) so the route can name them in its 400."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class StreamOptions(_Nullable):
+    include_usage: bool = False
+    continuous_usage_stats: bool = Field(default=False, description="vLLM extension: usage in every chunk")
+
+
+class _Sampling(_Nullable):
+    """Fields both routes share."""
 
     model: str
     temperature: float = Field(default=1.0, ge=0, le=2, description="OpenAI's default 1.0 samples; 0 is greedy")
@@ -54,7 +73,9 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0, description="vLLM extension: no end of sequence before this many")
     n: int = Field(default=1, ge=1, description="only 1")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before one")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="any int64, as OpenAI's")
+    ignore_eos: bool = Field(default=False, description="vLLM extension: true generates exactly max_tokens")
+    include_stop_str_in_output: bool = Field(default=False, description="vLLM extension: keep the stop string")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, description="accepted and ignored")
@@ -66,7 +87,9 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="one input, or a list of inputs (a choice each)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one input, or a list of inputs (a choice each); as text or as token ids"
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default 16")
 
 

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import Settings
 from ..errors import KronserveError, NotReady, ReplicaUnavailable, UnknownTask
-from ..messages import Delta, GenerationParams, Result, Started
+from ..messages import Delta, GenerationParams, Prompt, Result, Started
 from ..metrics import Metrics, merged_with_source
 from ..store import VersionRef, open_store
 from .ring import Ring
@@ -58,11 +58,11 @@ class ClusterBackend:
             raise NotReady(f"no replica is ready: {replicas}", retry_after=5)
         return {"status": "ready", "replicas": replicas}
 
-    async def predict(self, task: str, inputs: list[str], params: GenerationParams) -> Result:
+    async def predict(self, task: str, inputs: list[Prompt], params: GenerationParams) -> Result:
         return await self._forward(task, "predict", task, inputs, params, await self._pin(task))
 
     async def predict_stream(
-        self, task: str, inputs: list[str], params: GenerationParams
+        self, task: str, inputs: list[Prompt], params: GenerationParams
     ) -> AsyncIterator[Started | Delta | Result]:
         """The task's replica streams its events through; a replica lost before the first event is replaced by the
         next one, after it the stream ends with `replica_unavailable` (the text so far cannot be taken back)."""
