@@ -11,6 +11,7 @@ import contextlib
 import threading
 
 import pytest
+import torch
 
 from kronserve.engine import Engine
 from kronserve.errors import Overloaded, RequestTimeout, UnknownTask
@@ -403,3 +404,50 @@ def test_a_tiny_device_budget_serves_every_task_and_never_evicts_a_running_one(b
     assert evicted_while_held == []
     assert engine.device.used_bytes <= 2 * size and engine.device.budget >= engine.device.used_bytes
     assert engine.device.metrics.tier_evictions.labels("device")._value.get() > 0
+
+
+def test_logprobs_of_a_mixed_batch_equal_one_teacher_forced_pass_alone(engine: Engine, tasks) -> None:
+    """Each generated token's log-probability (greedy and sampled rows, several tasks, one batch) equals a plain
+    teacher-forced pass over the same ids for that request alone (what /v1/score computes), its alternatives are
+    the k best of that distribution, and asking for them changes no token."""
+    greedy = GenerationParams(max_new_tokens=10, min_new_tokens=10, logprobs=3)
+    sampled = GenerationParams(max_new_tokens=10, min_new_tokens=10, temperature=1.0, seed=3, logprobs=0)
+
+    async def run():
+        s = make(engine)
+        s.start()
+        tok = engine.tokenize
+        jobs = []
+        for task, params in ((tasks[0], greedy), (tasks[1], sampled), (tasks[2], greedy)):
+            (entry,) = engine.registry.acquire([task])
+            jobs.append(s.submit(entry, tok(["logprobs, please", "and for me"]), None, params))
+        out = await asyncio.gather(*jobs)
+        await s.drain_and_stop()
+        return out
+
+    results = asyncio.run(run())
+    for task, outputs in zip(tasks[:3], results, strict=True):
+        for text, output in zip(["logprobs, please", "and for me"], outputs, strict=True):
+            assert len(output.logprobs) == len(output.ids) == 10
+            with engine.resident([task]) as (_, slots):
+                tf = teacher_forced(engine, slots, engine.tokenize([text])[0], output.ids)
+            for t, (chosen, top) in enumerate(output.logprobs):
+                assert chosen == pytest.approx(float(tf[t, output.ids[t]]), abs=2e-4)
+                best = torch.topk(tf[t], len(top))
+                assert [a for a, _ in top] == best.indices.tolist()
+                assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=2e-4)
+    assert [o.ids for o in results[0]] == alone_ids_all(engine, tasks[0], ["logprobs, please", "and for me"], 10)
+
+
+def teacher_forced(engine: Engine, slots: list[int], inputs: list[int], ids: list[int]) -> torch.Tensor:
+    """Log-softmax of the logits of one teacher-forced pass over `ids` [T, V] (the reference)."""
+    enc = engine._padded([inputs])
+    start = torch.tensor([[engine.vocab.start, *ids[:-1]]])
+    with engine._routed_slots(slots):
+        logits = engine.backbone.model(**enc, decoder_input_ids=start).logits
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def alone_ids_all(engine: Engine, task: str, texts: list[str], n: int) -> list[list[int]]:
+    p = GenerationParams(max_new_tokens=n, min_new_tokens=n)
+    return [alone_ids(engine, task, text, p) for text in texts]

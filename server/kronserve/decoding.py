@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .messages import GenerationParams
+from .messages import GenerationParams, TokenIds
 
 NEG = -1.0e9  # HF's "never pick this beam" score
 
@@ -57,6 +57,7 @@ class Sequence:
     def __init__(self, params: GenerationParams, vocab: Vocabulary, device: torch.device) -> None:
         self.params, self.vocab = params, vocab
         self.tokens: list[int] = []
+        self.logprobs: list[TokenIds] | None = None if params.logprobs is None else []  # one per token, when asked
         self.done = False
         self._generator: torch.Generator | None = None
         if params.sampling:
@@ -95,6 +96,20 @@ class Sequence:
         if not bool(torch.isfinite(probs).all()):  # every logit -inf or overflowed: the most likely id stands
             return int(logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def record_logprobs(logits: torch.Tensor, tokens: list[int], sequences: list[Sequence]) -> None:
+    """Append each sequence's chosen token's log-probability and its `params.logprobs` best alternatives, from its
+    row's raw logits [R, V] (one log-softmax and one top-k for all of them, one copy to the host)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(s.params.logprobs or 0 for s in sequences)
+    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    for i, s in enumerate(sequences):
+        n = s.params.logprobs or 0
+        assert s.logprobs is not None
+        s.logprobs.append((chosen[i], list(zip(ids[i][:n], values[i][:n], strict=True))))
 
 
 def greedy_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:

@@ -13,7 +13,17 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from .errors import KronserveError
-from .messages import Delta, Generation, GenerationParams, Output, Prompt, Result, Started
+from .messages import (
+    Delta,
+    Generation,
+    GenerationParams,
+    Output,
+    Prompt,
+    Result,
+    Started,
+    StreamedToken,
+    TokenLogprob,
+)
 from .store import VersionRef
 from .streaming import StreamText
 from .text import TextCodec
@@ -29,7 +39,7 @@ class Run(Protocol):
 
     started: Started
 
-    async def tokens(self) -> list[tuple[int, int]] | None:
+    async def tokens(self) -> list[StreamedToken] | None:
         """The next (input index, token) pairs picked, in order; None once the request has ended."""
         ...
 
@@ -92,6 +102,8 @@ class TextFront:
         run = await self.open_run(task, ids, None, params, pin, stream=True)
         text = StreamText(codec.decode, len(ids), params.stop, params.include_stop)
         prompt, generated = sum(map(len, ids)), 0
+        # With logprobs: each input's tokens not yet sent with a delta (text held back sends them with a later one).
+        pending: list[list[TokenLogprob]] | None = None if params.logprobs is None else [[] for _ in ids]
         try:
             pairs = await run.tokens()
             if pairs is None:
@@ -99,20 +111,22 @@ class TextFront:
             yield run.started
             while pairs is not None:
                 generated += len(pairs)
-                for index, token in pairs:
+                for index, token, *logprob in pairs:
                     delta, stopped = text.add(index, token)
                     if stopped:
                         run.stop(index)
+                    if pending is not None:
+                        pending[index] += codec.logprobs([token], [logprob])  # type: ignore[list-item]
                     if delta:
-                        yield Delta(index, delta, prompt, generated)
+                        yield Delta(index, delta, prompt, generated, _taken(pending, index))
                 pairs = await run.tokens()
             finals = []
             outputs = await run.result()
             generated = sum(len(o.ids) for o in outputs)
             for i, output in enumerate(outputs):
                 delta, final = text.finish(i, _generation(codec, output))
-                if delta:
-                    yield Delta(i, delta, prompt, generated)
+                if delta or (pending and pending[i]):
+                    yield Delta(i, delta, prompt, generated, _taken(pending, i))
                 finals.append(final)
             s = run.started
             yield Result(s.task, s.version, finals, s.replica)
@@ -139,7 +153,15 @@ def _generation(codec: TextCodec, output: Output) -> Generation:
     """One input's text; a sequence that cannot be decoded fails its own request only."""
     try:
         text = codec.decode(output.ids)
+        logprobs = None if output.logprobs is None else codec.logprobs(output.ids, output.logprobs)
     except Exception as e:
         log.error("an output could not be decoded: %s", e)
         raise KronserveError(f"the generated tokens could not be decoded: {e}") from e
-    return Generation(text, len(output.ids), output.prompt_tokens, output.finish_reason)
+    return Generation(text, len(output.ids), output.prompt_tokens, output.finish_reason, logprobs)
+
+
+def _taken(pending: list[list[TokenLogprob]] | None, index: int) -> list[TokenLogprob] | None:
+    if pending is None:
+        return None
+    taken, pending[index] = pending[index], []
+    return taken

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compact import Compact
-from .messages import GenerationParams
+from .messages import GenerationParams, StreamedToken, TokenIds
 from .registry import Entry
 
 
@@ -28,11 +28,11 @@ class TokenStream:
     """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[list[tuple[int, int]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[list[StreamedToken]] = asyncio.Queue()
         self.stopped: set[int] = set()
         self._loop = asyncio.get_running_loop()
 
-    def push(self, pairs: list[tuple[int, int]]) -> None:
+    def push(self, pairs: list[StreamedToken]) -> None:
         self._loop.call_soon_threadsafe(self.queue.put_nowait, pairs)
 
     def stop(self, index: int) -> None:
@@ -57,11 +57,13 @@ class Job:
     next_input: int = 0  # inputs before this one are admitted (a request may be admitted over several steps)
     stalled: bool = False  # started, and passed over at the last step (it goes first at the next)
     outputs: list[list[int] | None] = field(default_factory=list)  # each input's tokens once its sequence is done
+    logprobs: list[list[TokenIds] | None] = field(default_factory=list)  # ... and their log-probabilities, if asked
     _leased: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.inputs)
+        self.logprobs = [None] * len(self.inputs)
 
     @property
     def scoring(self) -> bool:
@@ -102,7 +104,7 @@ class Job:
         beams = self.params.num_beams if self.params else 1
         return beams * (len(self.inputs[index]) + new)
 
-    def streamed(self, pairs: list[tuple[int, int]]) -> None:
+    def streamed(self, pairs: list[StreamedToken]) -> None:
         """Hand one step's tokens to the stream (engine thread); the stream has `patience_s` again for its next."""
         assert self.stream is not None
         self.deadline = max(self.deadline, time.monotonic() + self.patience_s)

@@ -35,11 +35,11 @@ import torch
 
 from .admission import REFERENCE_STEP_TOKENS, Budget, DeviceRoom, Load, schedule
 from .batch import DecodeBatch, Member, spans
-from .decoding import BeamSequence, Sequence, greedy_tokens
+from .decoding import BeamSequence, Sequence, greedy_tokens, record_logprobs
 from .engine import Engine
 from .errors import KronserveError
 from .jobs import Job
-from .messages import Output
+from .messages import Output, StreamedToken
 from .metrics import Metrics
 from .running import RunningBatch
 
@@ -354,18 +354,35 @@ class DecodeLoop:
             for (r, seq), token in zip(greedy, picked, strict=True):
                 seq.take(token)
                 tokens[r] = token
+        self._logprobs(logits, members, tokens)
         if order != list(range(batch.rows)):
             batch.reorder(order)
         return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
     @staticmethod
+    def _logprobs(logits: torch.Tensor, members: list[Member], tokens: list[int]) -> None:
+        """The log-probabilities of this step's tokens, for the sequences whose request asked (raw logits)."""
+        wanted = [
+            (row, m.seq)
+            for row, m in spans(members)
+            if isinstance(m.seq, Sequence) and m.seq.logprobs is not None and not m.job.failed
+        ]
+        if wanted:
+            rows = [r for r, _ in wanted]
+            record_logprobs(logits[rows], [tokens[r] for r in rows], [s for _, s in wanted])
+
+    @staticmethod
     def _publish(members: list[Member]) -> None:
         """Each streamed one-row sequence's new token, handed over once per request (beams have no token to stream
         until they end)."""
-        step: dict[int, tuple[Job, list[tuple[int, int]]]] = {}
+        step: dict[int, tuple[Job, list[StreamedToken]]] = {}
         for m in members:
-            if m.job.stream is not None and isinstance(m.seq, Sequence) and m.seq.tokens and not m.job.failed:
-                step.setdefault(id(m.job), (m.job, []))[1].append((m.index, m.seq.tokens[-1]))
+            seq = m.seq
+            if m.job.stream is not None and isinstance(seq, Sequence) and seq.tokens and not m.job.failed:
+                pair = (
+                    (m.index, seq.tokens[-1]) if seq.logprobs is None else (m.index, seq.tokens[-1], *seq.logprobs[-1])
+                )
+                step.setdefault(id(m.job), (m.job, []))[1].append(pair)
         for job, pairs in step.values():
             job.streamed(pairs)
 
@@ -378,6 +395,7 @@ class DecodeLoop:
     def _sequence_done(self, m: Member) -> None:
         job = m.job
         job.outputs[m.index] = m.seq.output()
+        job.logprobs[m.index] = getattr(m.seq, "logprobs", None)
         if all(o is not None for o in job.outputs):
             self._answer(job, [o for o in job.outputs if o is not None])
 
@@ -385,8 +403,8 @@ class DecodeLoop:
         """Token ids out (the text side decodes them)."""
         eos = self.engine.vocab.eos
         answers = [
-            Output(row, len(prompt), "stop" if row[-1:] == [eos] else "length")
-            for row, prompt in zip(ids, job.inputs, strict=True)
+            Output(row, len(prompt), "stop" if row[-1:] == [eos] else "length", logprobs)
+            for row, prompt, logprobs in zip(ids, job.inputs, job.logprobs, strict=True)
         ]
         self.metrics.generated_tokens.inc(sum(len(row) for row in ids))
         self._finish(job, answers)

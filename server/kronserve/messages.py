@@ -7,6 +7,13 @@ from typing import Any
 
 SAMPLING_EPS = 1e-5
 Prompt = str | list[int]  # an input as text, or as token ids (OpenAI's token-id prompts)
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+# One generated token's log-probability and its `k` most likely alternatives (id, log-probability), as the engine
+# gives them: from the model's raw logits, before temperature, top-k/top-p and the vocabulary limit (what /v1/score
+# scores), so a greedy answer's log-probabilities sum to its score.
+TokenIds = tuple[float, list[tuple[int, float]]]
+# A streamed token: (input index, token id), and when the request asked for logprobs, its TokenIds after them.
+StreamedToken = tuple[int, int] | tuple[int, int, float, list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -24,11 +31,22 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the text ends before the first of these (its finish reason is then "stop")
     include_stop: bool = False  # ... or with it (vLLM's include_stop_str_in_output)
+    logprobs: int | None = None  # also each token's log-probability and this many alternatives (None: none)
 
     @property
     def sampling(self) -> bool:
         """A temperature under 1e-5 is greedy (as vLLM's sampler treats it): dividing by it would overflow."""
         return self.temperature >= SAMPLING_EPS
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as text, its log-probability and its alternatives' (text, log-probability)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+    special: bool = False  # EOS, a sentinel...: shown by name, absent from the answer's text
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class Generation:
     tokens: int
     prompt_tokens: int
     finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    logprobs: list[TokenLogprob] | None = None  # every generated token's (EOS last), when asked
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,7 @@ class Output:
     ids: list[int]
     prompt_tokens: int
     finish_reason: str
+    logprobs: list[TokenIds] | None = None  # one per id, when the request asked
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,7 @@ class Delta:
     text: str
     prompt_tokens: int = 0
     generated: int = 0
+    logprobs: list[TokenLogprob] | None = None  # the tokens this input received since its last delta, when asked
 
 
 @dataclass(frozen=True)

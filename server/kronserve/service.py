@@ -28,7 +28,7 @@ from .formats.native import AdapterFile, dumps, is_native
 from .front import TextFront
 from .jobs import Job, TokenStream
 from .loop import Bounds
-from .messages import GenerationParams, Started
+from .messages import GenerationParams, Started, StreamedToken
 from .methods import init_tensors, preset
 from .metrics import Metrics
 from .registry import Entry
@@ -301,7 +301,7 @@ class LocalRun:
         self.job, self.started = job, started
         self._answer = asyncio.ensure_future(scheduler.wait(job))
 
-    async def tokens(self) -> list[tuple[int, int]] | None:
+    async def tokens(self) -> list[StreamedToken] | None:
         stream = self.job.stream
         if stream is None:
             return None
@@ -315,9 +315,9 @@ class LocalRun:
             getting.cancel()
         return self._drain()
 
-    def _drain(self) -> list[tuple[int, int]]:
+    def _drain(self) -> list[StreamedToken]:
         assert self.job.stream is not None
-        pairs: list[tuple[int, int]] = []
+        pairs: list[StreamedToken] = []
         while not self.job.stream.queue.empty():
             pairs += self.job.stream.queue.get_nowait()
         return pairs

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InvalidRequest
+from .messages import TokenIds, TokenLogprob
 
 # An input longer than max_input_tokens × this many characters cannot fit (no T5 or ByT5 token is longer),
 # so it is refused before the tokenizer spends time on it.
@@ -20,6 +21,8 @@ MAX_CHARS_PER_TOKEN = 32
 class TextCodec:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_input_tokens: int) -> None:
         self.tokenizer, self.max_input_tokens = tokenizer, max_input_tokens
+        self._special = set(tokenizer.all_special_ids)
+        self._texts: dict[int, str] = {}  # token_text's answers (a vocabulary's worth at most)
 
     @classmethod
     def load(cls, source: str, local_only: bool, max_input_tokens: int) -> TextCodec:
@@ -67,3 +70,21 @@ class TextCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token as logprobs show it: its text alone, or its name if special (EOS is `</s>`, not ""). A byte
+        token of a multi-byte character (ByT5) is U+FFFD alone: only its neighbours make it a character."""
+        text = self._texts.get(token)
+        if text is None:
+            special = token in self._special
+            text = self.tokenizer.convert_ids_to_tokens(token) if special else self.tokenizer.decode([token])
+            self._texts[token] = text
+        return text
+
+    def logprobs(self, ids: Sequence[int], logprobs: Sequence[TokenIds]) -> list[TokenLogprob]:
+        """The engine's log-probabilities of `ids` with every token as text."""
+        text = self.token_text
+        return [
+            TokenLogprob(text(t), lp, [(text(a), v) for a, v in top], t in self._special)
+            for t, (lp, top) in zip(ids, logprobs, strict=True)
+        ]

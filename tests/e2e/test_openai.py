@@ -111,7 +111,6 @@ SINGLE = pytest.mark.parametrize("server", ["single"], indirect=True)  # the gat
 @pytest.mark.parametrize(
     ("extra", "status", "param"),
     [
-        ({"logprobs": 2}, 400, "logprobs"),
         ({"echo": True}, 400, "echo"),
         ({"n": 2}, 400, "n"),
         ({"best_of": 3}, 400, "best_of"),

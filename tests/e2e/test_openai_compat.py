@@ -71,7 +71,7 @@ def test_ignore_eos_negative_seeds_and_neutral_vllm_fields(chatty: Server) -> No
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"logprobs": 0}, "logprobs"),  # 0 == False in Python: compared by type too, so not taken as neutral
+        ({"echo": 0}, "echo"),  # 0 == False in Python: compared by type too, so not taken as neutral
         ({"best_of": True}, "best_of"),
         ({"skip_special_tokens": False}, "skip_special_tokens"),
         ({"stream_options": {"include_usage": True, "frobnicate": 1}}, "stream_options.frobnicate"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import InvalidRequest, KronserveError
-from ..messages import SAMPLING_EPS, Delta, GenerationParams, Result, Started
+from ..messages import SAMPLING_EPS, Delta, GenerationParams, Result, Started, TokenLogprob
 
 Event = Started | Delta | Result
 
@@ -25,6 +25,7 @@ def checked_params(
     seed: int | None = None,
     stop: tuple[str, ...] = (),
     include_stop: bool = False,
+    logprobs: int | None = None,
     names: dict[str, str] | None = None,
 ) -> GenerationParams:
     """Settings within the server's limits; `max_new_tokens` None: min(32, the limit). `names` maps kronserve's
@@ -49,7 +50,21 @@ def checked_params(
         raise InvalidRequest(
             "num_beams > 1 is beam search: it cannot be combined with sampling (temperature > 0)", "num_beams"
         )
-    return GenerationParams(max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop, include_stop)
+    if num_beams > 1 and logprobs is not None:
+        raise InvalidRequest(
+            "logprobs are given for greedy and sampled tokens, not beam search", name("logprobs", "logprobs")
+        )
+    return GenerationParams(
+        max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop, include_stop, logprobs
+    )
+
+
+def logprobs_out(logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """kronserve's shape of a sequence's log-probabilities (`/v1/predict`)."""
+    return [
+        {"token": t.token, "logprob": t.logprob, "top_logprobs": [{"token": a, "logprob": v} for a, v in t.top]}
+        for t in logprobs
+    ]
 
 
 async def opened(events: AsyncIterator[Event]) -> Started:

@@ -8,6 +8,7 @@ silently ignored. T5 tasks take one input: for chat it is the last user message'
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
 from ..errors import InvalidRequest, KronserveError, Overloaded, UnknownTask
-from ..messages import Delta, Generation, GenerationParams, Result, Started
+from ..messages import Delta, Generation, GenerationParams, Result, Started, TokenLogprob
 from .errors import endpoint_of, status_of
 from .generation import Event, checked_params, event, opened, sse
 from .openai_schemas import NEUTRAL, ChatRequest, CompletionRequest, OpenAIErrorResponse, _Sampling, is_neutral
@@ -97,7 +98,7 @@ async def completions(body: CompletionRequest, backend: BackendDep, request: Req
         raise InvalidRequest("prompt must not be empty", "prompt")
     # OpenAI's default of 16, capped by the server's limit when the client did not ask for it.
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else min(16, backend.settings.max_new_tokens)
-    params = _params(backend, body, max_tokens, {"max_new_tokens": "max_tokens"})
+    params = _params(backend, body, max_tokens, {"max_new_tokens": "max_tokens"}, body.logprobs)
     _check_limits(backend, prompts)
     reply = _Reply("cmpl", "text_completion", body.model)
     if body.stream:
@@ -112,7 +113,9 @@ async def completions(body: CompletionRequest, backend: BackendDep, request: Req
 async def chat_completions(body: ChatRequest, backend: BackendDep, request: Request, response: Response) -> Any:
     max_tokens = body.max_completion_tokens or body.max_tokens
     names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens"}
-    params = _params(backend, body, max_tokens, names)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    params = _params(backend, body, max_tokens, names, (body.top_logprobs or 0) if body.logprobs else None)
     prompt = _last_user_message(body)
     _check_limits(backend, [prompt])
     reply = _Reply("chatcmpl", "chat.completion", body.model)
@@ -125,11 +128,19 @@ async def chat_completions(body: ChatRequest, backend: BackendDep, request: Requ
 
 
 # ---- requests ---------------------------------------------------------------------------------------
-def _params(backend: BackendDep, body: _Sampling, max_tokens: int | None, names: dict[str, str]) -> GenerationParams:
+def _params(
+    backend: BackendDep, body: _Sampling, max_tokens: int | None, names: dict[str, str], logprobs: int | None
+) -> GenerationParams:
     """Refuse what cannot be honoured (by name), then check the rest against the server's limits."""
     for name, value in (body.model_extra or {}).items():
         if name not in NEUTRAL:
             raise Unsupported(f"unrecognized request argument: {name}", name)
+        if name == "echo" and value is True:
+            raise Unsupported(
+                "echo is not supported: an encoder-decoder (T5) reads its prompt in the encoder and gives no "
+                "log-probabilities of the prompt's tokens, so there is nothing to echo them with",
+                name,
+            )
         if not is_neutral(name, value):
             raise Unsupported(f"{name}={value!r} is not supported by kronserve", name)
     for name in (body.stream_options.model_extra or {}) if body.stream_options else ():
@@ -150,6 +161,7 @@ def _params(backend: BackendDep, body: _Sampling, max_tokens: int | None, names:
         seed=body.seed,
         stop=body.stops(),
         include_stop=body.include_stop_str_in_output,
+        logprobs=logprobs,
         names={"min_new_tokens": "min_tokens", **names},
     )
 
@@ -214,13 +226,14 @@ class _Reply:
     def __init__(self, prefix: str, kind: str, model: str) -> None:
         self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
         self.created = int(time.time())
+        self._sent: dict[int, int] = {}  # a stream's characters sent per choice (its logprobs' text_offset)
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def completion(self, result: Result) -> dict[str, Any]:
         choices = [
-            {"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None}
+            {"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": _completion_logprobs(g.logprobs)}
             for i, g in enumerate(result.values)
         ]
         return {
@@ -233,7 +246,12 @@ class _Reply:
     def chat(self, result: Result) -> dict[str, Any]:
         (g,) = result.values
         message = {"role": "assistant", "content": g.text}
-        choice = {"index": 0, "message": message, "finish_reason": g.finish_reason, "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": message,
+            "finish_reason": g.finish_reason,
+            "logprobs": _chat_logprobs(g.logprobs),
+        }
         return {
             **self._head(self.kind),
             "choices": [choice],
@@ -244,7 +262,12 @@ class _Reply:
     def completion_chunks(self, e: Event, usage: bool) -> list[dict[str, Any]]:
         head = self._head("text_completion")
         if isinstance(e, Delta):
-            return [{**head, "choices": [{"index": e.index, "text": e.text, "finish_reason": None, "logprobs": None}]}]
+            sent = self._sent.get(e.index, 0)
+            self._sent[e.index] = sent + len(e.text)
+            logprobs = _completion_logprobs(e.logprobs, sent)
+            return [
+                {**head, "choices": [{"index": e.index, "text": e.text, "finish_reason": None, "logprobs": logprobs}]}
+            ]
         if isinstance(e, Result):
             ends = [
                 {
@@ -267,7 +290,10 @@ class _Reply:
                 }
             ]
         if isinstance(e, Delta):
-            return [{**head, "choices": [{"index": 0, "delta": {"content": e.text}, "finish_reason": None}]}]
+            choice = {"index": 0, "delta": {"content": e.text}, "finish_reason": None}
+            if e.logprobs is not None:
+                choice["logprobs"] = _chat_logprobs(e.logprobs)
+            return [{**head, "choices": [choice]}]
         if isinstance(e, Result):
             (g,) = e.values
             end = {
@@ -277,6 +303,35 @@ class _Reply:
             }
             return [end] + ([{**head, "choices": [], "usage": _usage(e.values)}] if usage else [])
         return []
+
+
+def _completion_logprobs(tokens: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's legacy shape: parallel lists; each `top_logprobs` entry maps text to log-probability for the chosen
+    token and its alternatives (as vLLM); `text_offset` is where each token's text starts in the choice's text."""
+    if tokens is None:
+        return None
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{**dict(t.top), t.token: t.logprob} for t in tokens],
+        "text_offset": list(
+            itertools.accumulate((0 if t.special else len(t.token) for t in tokens[:-1]), initial=offset)
+        ),
+    }
+
+
+def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """The chat shape: one object per token with its UTF-8 `bytes` and its `top_logprobs`."""
+    if tokens is None:
+        return None
+    content = [
+        {**_chat_token(t.token, t.logprob), "top_logprobs": [_chat_token(a, v) for a, v in t.top]} for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _chat_token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def _usage(generations: list[Generation]) -> dict[str, int]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+from ..messages import MAX_LOGPROBS
 
 # OpenAI (and vLLM) fields kronserve does not implement: accepted only with their neutral value (compared by type and
 # value: `0` is not `False`).
 NEUTRAL: dict[str, Any] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -87,6 +87,9 @@ class _Sampling(_Nullable):
 
 
 class CompletionRequest(_Sampling):
+    logprobs: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="each token's log-probability and this many alternatives"
+    )
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one input, or a list of inputs (a choice each); as text or as token ids"
     )
@@ -101,6 +104,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="the input is the last user message's content")
+    logprobs: StrictBool = Field(default=False, description="each token's log-probability")
+    top_logprobs: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many alternatives per token"
+    )
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 

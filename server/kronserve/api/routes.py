@@ -17,7 +17,7 @@ from ..config import TASK_ID_PATTERN
 from ..errors import BadRequest, ClientClosed, InvalidRequest, KronserveError, PayloadTooLarge, Unauthorized
 from ..messages import Delta, GenerationParams, Result
 from .backend import Backend
-from .generation import Event, checked_params, event, opened, sse
+from .generation import Event, checked_params, event, logprobs_out, opened, sse
 from .schemas import AdapterInfo, ErrorResponse, PredictRequest, PredictResponse, ScoreRequest, ScoreResponse
 
 # When each documented refusal happens; every operation lists the ones it can give, and only those.
@@ -75,6 +75,7 @@ async def require_admin(
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
+    response_model_exclude_none=True,
     responses={
         **_errors(400, 404, 413, 422, 503),
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with `stream`"},
@@ -96,12 +97,16 @@ async def predict(
         body.top_k,
         body.seed,
         tuple(body.stop),
+        logprobs=body.logprobs,
     )
     if body.stream:
         return await _predict_stream(backend, body, params)
     result = await until_disconnected(request, backend.predict(body.task, body.inputs, params))
     _answered(backend, response, result, "predict")
-    return PredictResponse(task=result.task, version=result.version, outputs=[g.text for g in result.values])
+    logprobs = None if body.logprobs is None else [logprobs_out(g.logprobs or []) for g in result.values]
+    return PredictResponse(
+        task=result.task, version=result.version, outputs=[g.text for g in result.values], logprobs=logprobs
+    )
 
 
 async def _predict_stream(backend: Backend, body: PredictRequest, params: GenerationParams) -> StreamingResponse:
@@ -112,7 +117,10 @@ async def _predict_stream(backend: Backend, body: PredictRequest, params: Genera
 
     def encode(e: Event) -> list[bytes]:
         if isinstance(e, Delta):
-            return [event({"index": e.index, "text": e.text})]
+            delta: dict[str, object] = {"index": e.index, "text": e.text}
+            if e.logprobs is not None:
+                delta["logprobs"] = logprobs_out(e.logprobs)
+            return [event(delta)]
         if isinstance(e, Result):
             _count(backend, e, "predict")
             done = {"task": e.task, "version": e.version, "outputs": [g.text for g in e.values]}

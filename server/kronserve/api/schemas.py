@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..config import TASK_ID_PATTERN
+from ..messages import MAX_LOGPROBS
 
 TaskId = Annotated[
     str, StringConstraints(pattern=TASK_ID_PATTERN), Field(description="task id: the adapter that answers")
@@ -73,12 +74,33 @@ class PredictRequest(_Strict):
     )
     stop: list[str] = Field(default_factory=list, max_length=4, description="end each output before any of these")
     stream: bool = Field(default=False, description="answer text/event-stream: text deltas as tokens are decoded")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="also each generated token's log-probability (EOS last) and this many likely alternatives; "
+        "raw model log-probabilities, so a greedy output's sum to its score",
+    )
+
+
+class Alternative(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprobInfo(BaseModel):
+    token: str = Field(description="the token's text (a special token by name: `</s>`)")
+    logprob: float
+    top_logprobs: list[Alternative] = Field(description="the most likely tokens at this step, best first")
 
 
 class PredictResponse(BaseModel):
     task: str = Field(description="the task asked")
     version: int = Field(description="the adapter version that produced every output")
     outputs: list[str] = Field(description="outputs[i] answers inputs[i]")
+    logprobs: list[list[TokenLogprobInfo]] | None = Field(
+        default=None, description="with `logprobs`: logprobs[i] has one entry per token of outputs[i]"
+    )
 
 
 class ScoreRequest(_Strict):

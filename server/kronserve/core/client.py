@@ -22,7 +22,7 @@ import zmq.asyncio
 from ..config import Settings
 from ..errors import EngineRestarting, NotReady
 from ..front import TextFront
-from ..messages import GenerationParams, Started
+from ..messages import GenerationParams, Started, StreamedToken
 from ..metrics import Metrics, merged_sum
 from ..store import VersionRef
 from ..text import TextCodec
@@ -42,7 +42,7 @@ class RemoteRun:
         self.started = Started("", 0)
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self.queue: asyncio.Queue[list[tuple[int, int]] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[list[StreamedToken] | None] = asyncio.Queue()
 
     # ---- frames from the engine (the reader task) -----------------------------------------------
     def on_started(self, task: str, version: int, replica: str | None) -> None:
@@ -62,7 +62,7 @@ class RemoteRun:
         self.queue.put_nowait(None)
 
     # ---- front.Run ---------------------------------------------------------------------------------
-    async def tokens(self) -> list[tuple[int, int]] | None:
+    async def tokens(self) -> list[StreamedToken] | None:
         try:
             pairs = await asyncio.wait_for(self.queue.get(), self.client.settings.request_timeout_s + GRACE_S)
         except TimeoutError:

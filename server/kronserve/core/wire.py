@@ -56,11 +56,15 @@ def pin_in(body: list[Any] | None) -> VersionRef | None:
 
 
 def outputs_out(values: list[Any]) -> list[Any]:
-    return [[o.ids, o.prompt_tokens, o.finish_reason] if isinstance(o, Output) else o for o in values]
+    return [[o.ids, o.prompt_tokens, o.finish_reason, o.logprobs] if isinstance(o, Output) else o for o in values]
 
 
 def outputs_in(values: list[Any]) -> list[Output]:
-    return [Output(list(ids), prompt, reason) for ids, prompt, reason in values]
+    return [Output(list(ids), prompt, reason, _logprobs_in(lp)) for ids, prompt, reason, lp in values]
+
+
+def _logprobs_in(body: list[Any] | None) -> list[tuple[float, list[tuple[int, float]]]] | None:
+    return None if body is None else [(lp, [(t, v) for t, v in top]) for lp, top in body]
 
 
 def error_out(error: BaseException) -> dict[str, Any]:
