@@ -30,12 +30,14 @@ def spans(members: list[Member]) -> Iterator[tuple[int, Member]]:
 
 @dataclass
 class Member:
-    """One input of one admitted request: its sequence and what it reserves."""
+    """One sequence of one input of an admitted request (an input has `n` of them): its sequence and what it
+    reserves."""
 
     job: Job
-    index: int
+    index: int  # the input
     seq: Sequence | BeamSequence
     reserved: int  # cached token positions it may hold at its longest (rows × (input + max new tokens))
+    output: int = 0  # its place among the request's answers (index × n + which of the n), also its stream index
 
 
 class DecodeBatch:

@@ -54,14 +54,15 @@ class Sequence:
 
     rows = 1
 
-    def __init__(self, params: GenerationParams, vocab: Vocabulary, device: torch.device) -> None:
+    def __init__(self, params: GenerationParams, vocab: Vocabulary, device: torch.device, choice: int = 0) -> None:
+        """`choice`: which of an input's n sequences this is; a seeded request's j-th draws with seed + j."""
         self.params, self.vocab = params, vocab
         self.tokens: list[int] = []
         self.logprobs: list[TokenIds] | None = None if params.logprobs is None else []  # one per token, when asked
         self.done = False
         self._generator: torch.Generator | None = None
         if params.sampling:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            seed = params.seed + choice if params.seed is not None else secrets.randbits(63)
             self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def choose(self, logits: torch.Tensor) -> Choice:

@@ -100,10 +100,11 @@ class TextFront:
         codec = self.codec
         ids = await self._tokenize(inputs)
         run = await self.open_run(task, ids, None, params, pin, stream=True)
-        text = StreamText(codec.decode, len(ids), params.stop, params.include_stop)
+        answers = len(ids) * params.n  # input i's j-th sequence is answer i*n+j (its deltas' index)
+        text = StreamText(codec.decode, answers, params.stop, params.include_stop)
         prompt, generated = sum(map(len, ids)), 0
-        # With logprobs: each input's tokens not yet sent with a delta (text held back sends them with a later one).
-        pending: list[list[TokenLogprob]] | None = None if params.logprobs is None else [[] for _ in ids]
+        # With logprobs: each answer's tokens not yet sent with a delta (text held back sends them with a later one).
+        pending: list[list[TokenLogprob]] | None = None if params.logprobs is None else [[] for _ in range(answers)]
         try:
             pairs = await run.tokens()
             if pairs is None:

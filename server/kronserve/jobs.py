@@ -62,8 +62,8 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.outputs = [None] * len(self.inputs)
-        self.logprobs = [None] * len(self.inputs)
+        self.outputs = [None] * (len(self.inputs) * self.per_input)
+        self.logprobs = [None] * (len(self.inputs) * self.per_input)
 
     @property
     def scoring(self) -> bool:
@@ -80,13 +80,19 @@ class Job:
     def input_tokens(self, index: int) -> int:
         return len(self.inputs[index])
 
+    @property
+    def per_input(self) -> int:
+        """Sequences answered per input: `n` (1 for scoring)."""
+        return self.params.n if self.params else 1
+
     def input_rows(self, index: int) -> int:
-        return self.params.num_beams if self.params else 1
+        """Decoder rows an input runs on: its beams, or its n sequences (one row each)."""
+        return self.params.num_beams * self.params.n if self.params else 1
 
     @property
     def rows(self) -> int:
-        """Decoder rows it runs on (beams count one each); a score request's rows."""
-        return len(self.inputs) * (self.params.num_beams if self.params else 1)
+        """Decoder rows it runs on (beams and n sequences count one each); a score request's rows."""
+        return len(self.inputs) * self.input_rows(0)
 
     @property
     def tokens(self) -> int:
@@ -99,10 +105,9 @@ class Job:
         return sum(self.reserved_by(i) for i in range(len(self.inputs)))
 
     def reserved_by(self, index: int) -> int:
-        """Cached token positions input `index` may hold at its longest (its beams count one row each)."""
+        """Cached token positions input `index` may hold at its longest (its beams and sequences one row each)."""
         new = self.params.max_new_tokens if self.params else 0
-        beams = self.params.num_beams if self.params else 1
-        return beams * (len(self.inputs[index]) + new)
+        return self.input_rows(index) * (len(self.inputs[index]) + new)
 
     def streamed(self, pairs: list[StreamedToken]) -> None:
         """Hand one step's tokens to the stream (engine thread); the stream has `patience_s` again for its next."""

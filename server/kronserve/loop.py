@@ -238,12 +238,15 @@ class DecodeLoop:
         jobs = [job for job, _, _ in admit]
         started = time.perf_counter()
         try:
-            members = [self._member(job, i) for job, first, n in admit for i in range(first, first + n)]
-            inputs = [m.job.inputs[m.index] for m in members]
+            admitted = [(job, i) for job, first, n in admit for i in range(first, first + n)]
+            groups = [self._members(job, i) for job, i in admitted]  # an input's n sequences share its encoder row
+            members = [m for group in groups for m in group]
+            inputs = [job.inputs[i] for job, i in admitted]
             self._observe_pass(jobs, [job for job, first, _ in admit if first == 0], inputs, started)
             self._hold(jobs)
-            slots = [m.job.slot for m in members]
-            pre = self.engine.prefill(inputs, slots, [m.seq.rows for m in members])  # type: ignore[arg-type]
+            slots = [job.slot for job, _ in admitted]
+            rows = [sum(m.seq.rows for m in group) for group in groups]
+            pre = self.engine.prefill(inputs, slots, rows)  # type: ignore[arg-type]
             pre.batch.next_tokens = self._choose(pre.logits, members, pre.batch)
             self._batch.join(pre.batch, members)
         except Exception as e:  # the joiners alone: the running rows are as they were
@@ -260,11 +263,14 @@ class DecodeLoop:
         self._publish(members)
         self._leave()
 
-    def _member(self, job: Job, index: int) -> Member:
+    def _members(self, job: Job, index: int) -> list[Member]:
+        """Input `index`'s sequences: one beam search, or `n` one-row sequences sampled apart."""
         assert job.params is not None
-        p = job.params
-        seq = BeamSequence(p, self.engine.vocab) if p.num_beams > 1 else Sequence(p, self.engine.vocab, self.device)
-        return Member(job, index, seq, job.reserved_by(index))
+        p, vocab = job.params, self.engine.vocab
+        if p.num_beams > 1:
+            return [Member(job, index, BeamSequence(p, vocab), job.reserved_by(index), index)]
+        share = job.reserved_by(index) // p.n
+        return [Member(job, index, Sequence(p, vocab, self.device, j), share, index * p.n + j) for j in range(p.n)]
 
     # ---- a decode step ---------------------------------------------------------------------------
     def _step(self) -> None:
@@ -380,7 +386,9 @@ class DecodeLoop:
             seq = m.seq
             if m.job.stream is not None and isinstance(seq, Sequence) and seq.tokens and not m.job.failed:
                 pair = (
-                    (m.index, seq.tokens[-1]) if seq.logprobs is None else (m.index, seq.tokens[-1], *seq.logprobs[-1])
+                    (m.output, seq.tokens[-1])
+                    if seq.logprobs is None
+                    else (m.output, seq.tokens[-1], *seq.logprobs[-1])
                 )
                 step.setdefault(id(m.job), (m.job, []))[1].append(pair)
         for job, pairs in step.values():
@@ -394,17 +402,18 @@ class DecodeLoop:
 
     def _sequence_done(self, m: Member) -> None:
         job = m.job
-        job.outputs[m.index] = m.seq.output()
-        job.logprobs[m.index] = getattr(m.seq, "logprobs", None)
+        job.outputs[m.output] = m.seq.output()
+        job.logprobs[m.output] = getattr(m.seq, "logprobs", None)
         if all(o is not None for o in job.outputs):
             self._answer(job, [o for o in job.outputs if o is not None])
 
     def _answer(self, job: Job, ids: list[list[int]]) -> None:
         """Token ids out (the text side decodes them)."""
         eos = self.engine.vocab.eos
+        prompts = [prompt for prompt in job.inputs for _ in range(job.per_input)]
         answers = [
             Output(row, len(prompt), "stop" if row[-1:] == [eos] else "length", logprobs)
-            for row, prompt, logprobs in zip(ids, job.inputs, job.logprobs, strict=True)
+            for row, prompt, logprobs in zip(ids, prompts, job.logprobs, strict=True)
         ]
         self.metrics.generated_tokens.inc(sum(len(row) for row in ids))
         self._finish(job, answers)
@@ -412,7 +421,7 @@ class DecodeLoop:
     # ---- cancellation and failure ------------------------------------------------------------------
     def _end_stopped(self) -> None:
         """Sequences whose stream saw a stop string end now, with the tokens they have."""
-        stopped = [m for m in self._batch.members if m.job.stream is not None and m.index in m.job.stream.stopped]
+        stopped = [m for m in self._batch.members if m.job.stream is not None and m.output in m.job.stream.stopped]
         for m in stopped:
             m.seq.done = True
         if stopped:

@@ -32,6 +32,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # the text ends before the first of these (its finish reason is then "stop")
     include_stop: bool = False  # ... or with it (vLLM's include_stop_str_in_output)
     logprobs: int | None = None  # also each token's log-probability and this many alternatives (None: none)
+    n: int = 1  # sequences per input (sampled apart; one encoder pass), answered input-major: input i's j-th at i*n+j
 
     @property
     def sampling(self) -> bool:

@@ -50,8 +50,8 @@ class StaticLoop(DecodeLoop):
         assert p is not None
 
         def generate(slots: list[int], inputs: list[list[int]]) -> list[list[int]]:
-            if p.sampling or p.logprobs is not None:
-                raise InvalidRequest("sampling (temperature > 0) or logprobs needs KRONSERVE_BATCHING=continuous")
+            if p.sampling or p.logprobs is not None or p.n > 1:
+                raise InvalidRequest("sampling (temperature > 0), logprobs or n needs KRONSERVE_BATCHING=continuous")
             return self.engine.generate_ids(slots, inputs, p.max_new_tokens, p.num_beams, p.min_new_tokens)
 
         self._whole_pass(jobs, "generate", generate, self._answer)

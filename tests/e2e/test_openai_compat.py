@@ -152,3 +152,41 @@ def test_series_with_known_labels_exist_at_zero(chatty: Server) -> None:
         assert samples.get(("kronserve_tier_evictions_total", frozenset({("tier", tier)}))) is not None
     for stage in ("queued", "running"):
         assert samples.get(("kronserve_cancelled_requests_total", frozenset({("stage", stage)}))) is not None
+
+
+def test_n_samples_per_prompt_share_one_encoder_pass(chatty: Server, client: openai.OpenAI) -> None:
+    """Choice i*n+j is prompt i's j-th sequence, drawn as that prompt alone with seed + j would be; the prompt is
+    encoded once and its tokens counted once."""
+    body = {"prompt": ["hello world", "another input"], "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 3}
+    encoded = lambda: metric_samples(chatty.url)[("kronserve_input_tokens_total", frozenset())]  # noqa: E731
+    before = encoded()
+    got = completions(chatty.url, body).json()
+    assert encoded() - before == 12 + 14  # each prompt through the encoder once, not n times
+    assert [c["index"] for c in got["choices"]] == list(range(6))
+    alone = [
+        completions(chatty.url, {**body, "prompt": prompt, "n": 1, "seed": 5 + j}).json()
+        for prompt in body["prompt"]
+        for j in range(3)
+    ]
+    assert [c["text"] for c in got["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert got["usage"]["prompt_tokens"] == 12 + 14  # each prompt counted once
+    assert got["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert len({c["text"] for c in got["choices"][:3]}) > 1  # sampled apart
+
+    streamed = chunks(chatty.url, "/v1/completions", body)  # interleaved: each choice's deltas add up
+    texts = ["".join(c["choices"][0]["text"] for c in streamed if c["choices"][0]["index"] == k) for k in range(6)]
+    assert texts == [c["text"] for c in got["choices"]]
+    chat = client.chat.completions.create(
+        model=TASK, messages=[{"role": "user", "content": "hello world"}], n=3, temperature=1.0, seed=5, max_tokens=12
+    )
+    assert [c.message.content for c in chat.choices] == [c["text"] for c in got["choices"][:3]]
+    assert chat.usage.prompt_tokens == 12
+
+    predict = httpx.post(
+        f"{chatty.url}/v1/predict",
+        json={"task": TASK, "inputs": ["hello world", "x"], "n": 2, "temperature": 1.0, "seed": 5, "max_new_tokens": 6},
+        timeout=60,
+    ).json()
+    assert len(predict["outputs"]) == 4
+    too_many = completions(chatty.url, {**body, "n": 9})  # the server's max_beams is 8
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"

@@ -26,6 +26,7 @@ def checked_params(
     stop: tuple[str, ...] = (),
     include_stop: bool = False,
     logprobs: int | None = None,
+    n: int = 1,
     names: dict[str, str] | None = None,
 ) -> GenerationParams:
     """Settings within the server's limits; `max_new_tokens` None: min(32, the limit). `names` maps kronserve's
@@ -50,12 +51,16 @@ def checked_params(
         raise InvalidRequest(
             "num_beams > 1 is beam search: it cannot be combined with sampling (temperature > 0)", "num_beams"
         )
+    if n > settings.max_beams:
+        raise InvalidRequest(f"n {n} exceeds {settings.max_beams} (max_beams)", "n")
+    if n > 1 and num_beams > 1:
+        raise InvalidRequest("n > 1 samples sequences apart; beam search returns one per input", "n")
     if num_beams > 1 and logprobs is not None:
         raise InvalidRequest(
             "logprobs are given for greedy and sampled tokens, not beam search", name("logprobs", "logprobs")
         )
     return GenerationParams(
-        max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop, include_stop, logprobs
+        max_new, min_new_tokens, num_beams, temperature, top_p, top_k, seed, stop, include_stop, logprobs, n
     )
 
 

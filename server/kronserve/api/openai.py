@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
 from ..errors import InvalidRequest, KronserveError, Overloaded, UnknownTask
-from ..messages import Delta, Generation, GenerationParams, Result, Started, TokenLogprob
+from ..messages import Delta, Generation, GenerationParams, Prompt, Result, Started, TokenLogprob
 from .errors import endpoint_of, status_of
 from .generation import Event, checked_params, event, opened, sse
 from .openai_schemas import NEUTRAL, ChatRequest, CompletionRequest, OpenAIErrorResponse, _Sampling, is_neutral
@@ -100,9 +100,9 @@ async def completions(body: CompletionRequest, backend: BackendDep, request: Req
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else min(16, backend.settings.max_new_tokens)
     params = _params(backend, body, max_tokens, {"max_new_tokens": "max_tokens"}, body.logprobs)
     _check_limits(backend, prompts)
-    reply = _Reply("cmpl", "text_completion", body.model)
+    reply = _Reply("cmpl", "text_completion", body.model, params.n)
     if body.stream:
-        return await _stream(backend, body, prompts, params, reply.completion_chunks)
+        return await _stream(backend, body, prompts, params, reply)
     result = await until_disconnected(request, backend.predict(body.model, prompts, params))
     _count(backend, result, "completions")
     response.headers.update(_headers(result.version, result.replica))
@@ -118,9 +118,9 @@ async def chat_completions(body: ChatRequest, backend: BackendDep, request: Requ
     params = _params(backend, body, max_tokens, names, (body.top_logprobs or 0) if body.logprobs else None)
     prompt = _last_user_message(body)
     _check_limits(backend, [prompt])
-    reply = _Reply("chatcmpl", "chat.completion", body.model)
+    reply = _Reply("chatcmpl", "chat.completion", body.model, params.n)
     if body.stream:
-        return await _stream(backend, body, [prompt], params, reply.chat_chunks)
+        return await _stream(backend, body, [prompt], params, reply)
     result = await until_disconnected(request, backend.predict(body.model, [prompt], params))
     _count(backend, result, "chat")
     response.headers.update(_headers(result.version, result.replica))
@@ -145,8 +145,6 @@ def _params(
             raise Unsupported(f"{name}={value!r} is not supported by kronserve", name)
     for name in (body.stream_options.model_extra or {}) if body.stream_options else ():
         raise Unsupported(f"unrecognized stream option: {name}", f"stream_options.{name}")
-    if body.n != 1:
-        raise Unsupported("n > 1 is not supported by kronserve (send the request n times with different seeds)", "n")
     if len(body.stops()) > 4:
         raise InvalidRequest("stop takes at most 4 strings", "stop")
     if body.ignore_eos:  # as vLLM: every sequence runs to max_tokens
@@ -162,6 +160,7 @@ def _params(
         stop=body.stops(),
         include_stop=body.include_stop_str_in_output,
         logprobs=logprobs,
+        n=body.n,
         names={"min_new_tokens": "min_tokens", **names},
     )
 
@@ -187,18 +186,15 @@ def _last_user_message(body: ChatRequest) -> str:
 
 
 async def _stream(
-    backend: BackendDep,
-    body: _Sampling,
-    prompts: list[str],
-    params: GenerationParams,
-    chunks: Callable[[Event, bool], list[dict[str, Any]]],
+    backend: BackendDep, body: _Sampling, prompts: list[Prompt], params: GenerationParams, reply: _Reply
 ) -> StreamingResponse:
     events = backend.predict_stream(body.model, prompts, params)
     started = await opened(events)
     options = body.stream_options
     usage = bool(options and options.include_usage)
     every_chunk = usage and bool(options and options.continuous_usage_stats)  # as vLLM: only with include_usage
-    endpoint = "chat" if isinstance(body, ChatRequest) else "completions"
+    chat = isinstance(body, ChatRequest)
+    endpoint, chunks = ("chat", reply.chat_chunks) if chat else ("completions", reply.completion_chunks)
 
     def encode(e: Event) -> list[bytes]:
         out = chunks(e, usage)
@@ -207,7 +203,7 @@ async def _stream(
         if isinstance(e, Result):
             _count(backend, e, endpoint)
             if every_chunk:
-                out = [c if "usage" in c else {**c, "usage": _usage(e.values)} for c in out]
+                out = [c if "usage" in c else {**c, "usage": reply.usage(e.values)} for c in out]
             return [*(event(c) for c in out), event("[DONE]")]
         return [event(c) for c in out]
 
@@ -221,43 +217,55 @@ async def _stream(
 
 # ---- answers ---------------------------------------------------------------------------------------
 class _Reply:
-    """One answer's identity (id, created, model) and its OpenAI shapes, whole or as chunks."""
+    """One answer's identity (id, created, model) and its OpenAI shapes, whole or as chunks. `n` answers per
+    prompt: choice i*n+j is prompt i's j-th; prompt tokens count once per prompt."""
 
-    def __init__(self, prefix: str, kind: str, model: str) -> None:
-        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+    def __init__(self, prefix: str, kind: str, model: str, n: int = 1) -> None:
+        self.id, self.kind, self.model, self.n = f"{prefix}-{uuid.uuid4().hex}", kind, model, n
         self.created = int(time.time())
         self._sent: dict[int, int] = {}  # a stream's characters sent per choice (its logprobs' text_offset)
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def completion(self, result: Result) -> dict[str, Any]:
-        choices = [
-            {"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": _completion_logprobs(g.logprobs)}
-            for i, g in enumerate(result.values)
-        ]
+    def usage(self, generations: list[Generation]) -> dict[str, int]:
+        return _counts(sum(g.prompt_tokens for g in generations[:: self.n]), sum(g.tokens for g in generations))
+
+    def _whole(self, result: Result, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             **self._head(self.kind),
             "choices": choices,
-            "usage": _usage(result.values),
+            "usage": self.usage(result.values),
             "kronserve_version": result.version,
         }
 
+    def completion(self, result: Result) -> dict[str, Any]:
+        return self._whole(
+            result,
+            [
+                {
+                    "index": i,
+                    "text": g.text,
+                    "finish_reason": g.finish_reason,
+                    "logprobs": _completion_logprobs(g.logprobs),
+                }
+                for i, g in enumerate(result.values)
+            ],
+        )
+
     def chat(self, result: Result) -> dict[str, Any]:
-        (g,) = result.values
-        message = {"role": "assistant", "content": g.text}
-        choice = {
-            "index": 0,
-            "message": message,
-            "finish_reason": g.finish_reason,
-            "logprobs": _chat_logprobs(g.logprobs),
-        }
-        return {
-            **self._head(self.kind),
-            "choices": [choice],
-            "usage": _usage(result.values),
-            "kronserve_version": result.version,
-        }
+        return self._whole(
+            result,
+            [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": g.text},
+                    "finish_reason": g.finish_reason,
+                    "logprobs": _chat_logprobs(g.logprobs),
+                }
+                for i, g in enumerate(result.values)
+            ],
+        )
 
     def completion_chunks(self, e: Event, usage: bool) -> list[dict[str, Any]]:
         head = self._head("text_completion")
@@ -277,31 +285,29 @@ class _Reply:
                 }
                 for i, g in enumerate(e.values)
             ]
-            return ends + ([{**head, "choices": [], "usage": _usage(e.values)}] if usage else [])
+            return ends + ([{**head, "choices": [], "usage": self.usage(e.values)}] if usage else [])
         return []
 
     def chat_chunks(self, e: Event, usage: bool) -> list[dict[str, Any]]:
         head = self._head("chat.completion.chunk")
         if isinstance(e, Started):
-            return [
-                {
-                    **head,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-                }
-            ]
+            role = {"role": "assistant", "content": ""}
+            return [{**head, "choices": [{"index": i, "delta": role, "finish_reason": None}]} for i in range(self.n)]
         if isinstance(e, Delta):
-            choice = {"index": 0, "delta": {"content": e.text}, "finish_reason": None}
+            choice = {"index": e.index, "delta": {"content": e.text}, "finish_reason": None}
             if e.logprobs is not None:
                 choice["logprobs"] = _chat_logprobs(e.logprobs)
             return [{**head, "choices": [choice]}]
         if isinstance(e, Result):
-            (g,) = e.values
-            end = {
-                **head,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": g.finish_reason}],
-                "kronserve_version": e.version,
-            }
-            return [end] + ([{**head, "choices": [], "usage": _usage(e.values)}] if usage else [])
+            ends = [
+                {
+                    **head,
+                    "choices": [{"index": i, "delta": {}, "finish_reason": g.finish_reason}],
+                    "kronserve_version": e.version,
+                }
+                for i, g in enumerate(e.values)
+            ]
+            return ends + ([{**head, "choices": [], "usage": self.usage(e.values)}] if usage else [])
         return []
 
 
@@ -332,10 +338,6 @@ def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
 
 def _chat_token(text: str, logprob: float) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-def _usage(generations: list[Generation]) -> dict[str, int]:
-    return _counts(sum(g.prompt_tokens for g in generations), sum(g.tokens for g in generations))
 
 
 def _counts(prompt: int, completion: int) -> dict[str, int]:

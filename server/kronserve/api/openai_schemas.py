@@ -71,7 +71,7 @@ class _Sampling(_Nullable):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=-1, description="vLLM extension: keep the k most likely ids (0 or -1: all)")
     min_tokens: int = Field(default=0, ge=0, description="vLLM extension: no end of sequence before this many")
-    n: int = Field(default=1, ge=1, description="only 1")
+    n: int = Field(default=1, ge=1, description="choices per prompt, sampled apart (at most max_beams)")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before one")
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="any int64, as OpenAI's")
     ignore_eos: bool = Field(default=False, description="vLLM extension: true generates exactly max_tokens")

@@ -98,6 +98,7 @@ async def predict(
         body.seed,
         tuple(body.stop),
         logprobs=body.logprobs,
+        n=body.n,
     )
     if body.stream:
         return await _predict_stream(backend, body, params)

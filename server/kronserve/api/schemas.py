@@ -74,6 +74,12 @@ class PredictRequest(_Strict):
     )
     stop: list[str] = Field(default_factory=list, max_length=4, description="end each output before any of these")
     stream: bool = Field(default=False, description="answer text/event-stream: text deltas as tokens are decoded")
+    n: int = Field(
+        default=1,
+        ge=1,
+        description="sequences per input, sampled apart from one encoder pass (at most the server's max_beams); "
+        "outputs[i * n + j] is input i's j-th",
+    )
     logprobs: int | None = Field(
         default=None,
         ge=0,
@@ -97,7 +103,7 @@ class TokenLogprobInfo(BaseModel):
 class PredictResponse(BaseModel):
     task: str = Field(description="the task asked")
     version: int = Field(description="the adapter version that produced every output")
-    outputs: list[str] = Field(description="outputs[i] answers inputs[i]")
+    outputs: list[str] = Field(description="outputs[i] answers inputs[i] (with n: outputs[i * n + j])")
     logprobs: list[list[TokenLogprobInfo]] | None = Field(
         default=None, description="with `logprobs`: logprobs[i] has one entry per token of outputs[i]"
     )
