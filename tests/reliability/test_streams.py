@@ -21,8 +21,8 @@ from ..e2e.conftest import Server, upload
 from .conftest import Payload, error_code, metric
 
 TASK = "streamer"
-TIMEOUT_S = 3  # the server's request timeout
-LONG = {"task": TASK, "inputs": ["hello world"] * 16, "max_new_tokens": 1024, "min_new_tokens": 1024}  # ~8 s
+TIMEOUT_S = 2  # the server's request timeout
+LONG = {"task": TASK, "inputs": ["hello world"] * 16, "max_new_tokens": 768, "min_new_tokens": 768}  # ~5 s
 
 
 @pytest.fixture(scope="module")
