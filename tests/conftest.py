@@ -45,6 +45,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sentencepiece_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny T5 with a SentencePiece (Unigram) T5 tokenizer: see tests/sentencepiece.py."""
+    from .sentencepiece import write_sentencepiece_backbone
+
+    return write_sentencepiece_backbone(tmp_path_factory.mktemp("tiny_sentencepiece"))
+
+
+@pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache dir as a first start on the offline demo backbone leaves it: the backbone and the trained demo
     adapters. Training takes about a minute on 2 cores, so the whole run pays it once."""
@@ -205,6 +213,16 @@ def single_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     from .e2e.conftest import Server
 
     s = Server(tiny_dir, tmp_path_factory.mktemp("store-single")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_server(sentencepiece_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`kronserve serve` on the SentencePiece backbone (tests/e2e's `server` fixture in "sentencepiece" mode)."""
+    from .e2e.conftest import Server
+
+    s = Server(sentencepiece_dir, tmp_path_factory.mktemp("store-sentencepiece")).start()
     yield s
     s.stop()
 

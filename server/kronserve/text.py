@@ -69,7 +69,10 @@ class TextCodec:
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """The text the tokens spell. Never `clean_up_tokenization_spaces` (a checkpoint saved by transformers 4 often
+        sets it): it rewrites text already decoded (" !" becomes "!" once the "!" arrives), so a stream's deltas
+        could not add up to the answer; as vLLM, the text is exactly its tokens'."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def token_text(self, token: int) -> str:
         """One token as logprobs show it: its text alone, or its name if special (EOS is `</s>`, not ""). A byte
@@ -77,7 +80,7 @@ class TextCodec:
         text = self._texts.get(token)
         if text is None:
             special = token in self._special
-            text = self.tokenizer.convert_ids_to_tokens(token) if special else self.tokenizer.decode([token])
+            text = self.tokenizer.convert_ids_to_tokens(token) if special else self.decode([token])
             self._texts[token] = text
         return text
 

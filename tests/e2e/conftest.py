@@ -42,6 +42,11 @@ def children(pid: int) -> list[int]:
 
 
 MODES = ["single", "cluster"]
+# Tests whose answer depends on the tokenizer also run on a SentencePiece T5 backbone (tests/sentencepiece.py): once
+# in one process (SINGLE), ByT5 and SentencePiece (TOKENIZERS), or every mode and SentencePiece (EVERYWHERE).
+SINGLE = pytest.mark.parametrize("server", ["single"], indirect=True)
+TOKENIZERS = pytest.mark.parametrize("server", ["single", "sentencepiece"], indirect=True)
+EVERYWHERE = pytest.mark.parametrize("server", [*MODES, "sentencepiece"], indirect=True)
 
 
 class Server:
@@ -122,11 +127,19 @@ CHATTY = "chatty"  # a LoRA strong enough that the tiny backbone writes varied, 
 
 
 @pytest.fixture(scope="module")
-def chatty(server: Server, tiny_dir: Path) -> Server:
+def chatty(server: Server) -> Server:
     """`server` serving CHATTY (the OpenAI tests' model)."""
-    data = dumps(make_adapter(load_backbone(str(tiny_dir), device="cpu"), CHATTY, "lora", seed=6, std=2.0))
+    data = dumps(make_adapter(load_backbone(str(server.backbone), device="cpu"), CHATTY, "lora", seed=6, std=2.0))
     assert upload(server.url, CHATTY, data).status_code == 201
     return server
+
+
+def prompt_tokens(server: Server, texts: list[str]) -> int:
+    """What the server's tokenizer makes of `texts` (EOS included): the prompt tokens its usage counts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(server.backbone))
+    return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import openai
 import pytest
 
 from .conftest import CHATTY as TASK
-from .conftest import Server
-from .test_openai import SINGLE
+from .conftest import SINGLE, TOKENIZERS, Server
 
-pytestmark = SINGLE
 INPUTS = [f"input number {i}: hello world" for i in range(8)]
 
 
@@ -30,6 +28,7 @@ def events(url: str, path: str, body: dict) -> list[dict]:
     return [json.loads(d) for d in data if d != "[DONE]"]
 
 
+@TOKENIZERS
 def test_greedy_logprobs_cover_every_token_and_change_nothing(chatty: Server) -> None:
     """One entry per generated token (EOS, when reached, is the last: Output ids and log-probabilities are one
     list each); the chosen token is the likeliest (greedy). That they equal a teacher-forced pass, i.e. what
@@ -47,6 +46,7 @@ def test_greedy_logprobs_cover_every_token_and_change_nothing(chatty: Server) ->
             assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the chosen one is the likeliest
 
 
+@TOKENIZERS
 def test_predict_logprobs_whole_and_streamed_agree(chatty: Server) -> None:
     body = {"task": TASK, "inputs": INPUTS[:3], "max_new_tokens": 24, "logprobs": 2}
     whole = post(chatty.url, "/v1/predict", body)
@@ -65,6 +65,7 @@ def test_predict_logprobs_whole_and_streamed_agree(chatty: Server) -> None:
         assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-5)
 
 
+@TOKENIZERS
 def test_completion_and_chat_shapes_streamed_too(chatty: Server, client: openai.OpenAI) -> None:
     chat = client.chat.completions.create(
         model=TASK,
@@ -100,6 +101,7 @@ def test_completion_and_chat_shapes_streamed_too(chatty: Server, client: openai.
     assert all(lp <= 0 for c in sampled["choices"] for lp in c["logprobs"]["token_logprobs"])
 
 
+@SINGLE
 @pytest.mark.parametrize(
     ("path", "extra", "status", "param"),
     [

@@ -63,7 +63,7 @@ class Session:
                 num_return_sequences=1,
                 do_sample=False,
             )
-        return tok.batch_decode(out, skip_special_tokens=True)
+        return tok.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # as TextCodec
 
 
 @dataclass(frozen=True)
