@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import T5Config, T5ForConditionalGeneration, T5TokenizerFast
+from transformers import T5ForConditionalGeneration, T5TokenizerFast
 
-from kronserve.backbone import SHAPES
+from kronserve.backbone import t5_config
 
 WORDS = (
     "the",
@@ -97,15 +97,7 @@ def write_sentencepiece_backbone(out_dir: str | Path, seed: int = 0) -> Path:
     """The tiny shape with this tokenizer, saved like a user's checkpoint."""
     out = Path(out_dir)
     tokenizer = sentencepiece_tokenizer(seed)
-    shape = {**SHAPES["tiny"], "vocab_size": len(tokenizer) + SPARE_IDS}
-    config = T5Config(
-        **shape,
-        feed_forward_proj="relu",
-        tie_word_embeddings=True,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    config = t5_config("tiny", vocab_size=len(tokenizer) + SPARE_IDS)
     torch.manual_seed(seed)
     T5ForConditionalGeneration(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -185,17 +185,8 @@ def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 
 
     `local`: the first encoder layer attends to nearby bytes (see `_attend_locally`).
     """
-    if shape not in SHAPES:
-        raise KronserveError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     out = Path(out_dir)
-    config = T5Config(
-        **SHAPES[shape],
-        feed_forward_proj="relu",
-        tie_word_embeddings=True,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    config = t5_config(shape)
     torch.manual_seed(seed)
     model = T5(config).eval()
     if local:
@@ -203,6 +194,20 @@ def write_tiny_backbone(out_dir: str | Path, shape: Shape = "tiny", seed: int = 
     model.save_pretrained(out)
     ByT5Tokenizer().save_pretrained(out)
     return out
+
+
+def t5_config(shape: Shape, **overrides: int) -> T5Config:
+    """A T5 v1 config of a real shape (pad 0 is the decoder start, EOS 1), with `overrides` (another vocab_size)."""
+    if shape not in SHAPES:
+        raise KronserveError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    return T5Config(
+        **{**SHAPES[shape], **overrides},
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def _attend_locally(model: T5) -> None:

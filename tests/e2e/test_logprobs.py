@@ -67,26 +67,12 @@ def test_predict_logprobs_whole_and_streamed_agree(chatty: Server) -> None:
 
 @TOKENIZERS
 def test_completion_and_chat_shapes_streamed_too(chatty: Server, client: openai.OpenAI) -> None:
-    chat = client.chat.completions.create(
-        model=TASK,
-        messages=[{"role": "user", "content": INPUTS[0]}],
-        temperature=0,
-        max_tokens=12,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    ask = {"model": TASK, "messages": [{"role": "user", "content": INPUTS[0]}], "temperature": 0, "max_tokens": 12}
+    chat = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.bytes == list(t.token.encode()) for t in content)
-    streamed = client.chat.completions.create(
-        model=TASK,
-        messages=[{"role": "user", "content": INPUTS[0]}],
-        temperature=0,
-        max_tokens=12,
-        logprobs=True,
-        top_logprobs=2,
-        stream=True,
-    )
+    streamed = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
     tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert tokens == [t.token for t in content]
 
