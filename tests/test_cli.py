@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -151,11 +152,27 @@ def test_cuda_without_cuda_is_refused_before_listening(tiny_dir: Path) -> None:
     assert r.returncode == 2 and "device 'cuda' was asked for but torch sees no CUDA device" in one_error_line(r)
 
 
-def test_a_start_up_failure_after_listening_stops_the_server(tiny_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "store").write_text("a file where the store directory belongs")
-    r = console("kronserve", "serve", "--backbone", str(tiny_dir), "--store", str(tmp_path / "store"), "--port", "0")
+def test_a_start_up_failure_after_listening_stops_the_server(tmp_path: Path) -> None:
+    broken = tmp_path / "backbone"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")  # a directory, so it passes the checks made before listening
+    r = console("kronserve", "serve", "--backbone", str(broken), "--store", str(tmp_path / "store"), "--port", "0")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: start-up failed: ")
+
+
+def test_a_busy_port_and_a_store_that_is_a_file_are_one_line_before_anything_loads(tiny_dir: Path, tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = console("kronserve", "serve", "--backbone", str(tiny_dir), "--store", str(tmp_path / "s"), "--port", port)
+    assert r.returncode == 2 and f"127.0.0.1:{port} is already in use" in one_error_line(r)
+    assert "Errno" not in r.stderr
+    (tmp_path / "store").write_text("a file where the store directory belongs")
+    r = console("kronserve", "serve", "--backbone", str(tiny_dir), "--store", str(tmp_path / "store"), "--port", "0")
+    assert r.returncode == 2 and "is a file; --store names a directory" in one_error_line(r)
+    assert "FileExistsError" not in r.stderr
 
 
 @pytest.mark.parametrize(

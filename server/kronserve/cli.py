@@ -8,9 +8,11 @@ traceback).
 from __future__ import annotations
 
 import enum
+import errno
 import inspect
 import json
 import os
+import socket
 import sys
 import types
 import typing
@@ -115,11 +117,30 @@ def _settings(given: dict[str, Any]) -> Settings:
     return Settings(**{k: str(v) if isinstance(v, enum.Enum) else v for k, v in given.items() if v is not None})
 
 
+def _check_places(settings: Settings) -> None:
+    """What would otherwise fail after seconds of start-up, with an exception's name: a port another process
+    listens on, and a local store path that is a file."""
+    store = Path(settings.store)
+    if "://" not in settings.store and store.exists() and not store.is_dir():
+        raise KronserveError(f"the store {settings.store} is a file; --store names a directory (made if missing)")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing one is no conflict
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise KronserveError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
+            raise KronserveError(
+                f"{settings.host}:{settings.port} is already in use (another server?); choose another with --port"
+            ) from None
+
+
 def serve(**given: Any) -> None:
     """Start the HTTP service. Every option can also come from its KRONSERVE_* environment variable."""
     # What can be known before listening is checked first (backbone, CUDA): a server that can never be ready must
     # not start. A start-up that fails later stops the server with a non-zero exit (api.app.serve).
     settings = _settings(given)
+    _check_places(settings)
     if settings.backbone is not None:
         locate(settings.backbone)
     if settings.device == "cuda":
@@ -138,6 +159,7 @@ app.command()(serve)
 def cluster(**given: Any) -> None:
     """Serve the same /v1 API from N backbone replicas on Ray Serve (starts a local Ray head unless --address)."""
     settings = _settings(given)
+    _check_places(settings)
     if settings.backbone is not None:
         locate(settings.backbone)
     from .cluster.app import run

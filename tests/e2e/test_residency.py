@@ -73,6 +73,8 @@ def test_a_start_over_400_stored_adapters_reads_no_weights_but_the_pinned_one(ti
         assert cold["tier"] == "store" and not cold["pinned"] and cold["bytes"] > 0
     page = httpx.get(f"{tiered.url}/v1/adapters", params={"limit": 2, "after": "task0100"})
     assert [a["task"] for a in page.json()] == ["task0101", "task0102"]
+    assert all("residency" not in a and "base_model" in a for a in page.json())  # live state only when asked
+    assert "residency" not in httpx.get(f"{tiered.url}/v1/adapters/task0101").json()
     assert page.headers["x-next-after"] == "task0102" and 'rel="next"' in page.headers["link"]
     assert "x-next-after" not in httpx.get(f"{tiered.url}/v1/adapters", params={"after": "task0398"}).headers
 

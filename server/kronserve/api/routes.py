@@ -149,6 +149,7 @@ async def score(body: ScoreRequest, backend: BackendDep, request: Request, respo
     "/v1/adapters/{task}",
     status_code=201,
     response_model=AdapterInfo,
+    response_model_exclude_unset=True,  # `residency` only when asked
     responses=_errors(400, 401, 404, 409, 413, 415, 422, 503),
     dependencies=[Depends(require_admin)],
     openapi_extra={
@@ -185,7 +186,12 @@ async def upload_adapter(
     return _info(await backend.upload(task, parts, pin), response)
 
 
-@router.get("/v1/adapters", response_model=list[AdapterInfo], responses=_errors(422, 503))
+@router.get(
+    "/v1/adapters",
+    response_model=list[AdapterInfo],
+    response_model_exclude_unset=True,  # `residency` only when asked
+    responses=_errors(422, 503),
+)
 async def list_adapters(
     backend: BackendDep,
     response: Response,
@@ -207,6 +213,7 @@ async def list_adapters(
 @router.put(
     "/v1/adapters/{task}/pin",
     response_model=AdapterInfo,
+    response_model_exclude_unset=True,  # `residency` only when asked
     responses=_errors(401, 404, 409, 422, 503),
     dependencies=[Depends(require_admin)],
 )
@@ -219,6 +226,7 @@ async def pin_adapter(task: TaskPath, backend: BackendDep, response: Response) -
 @router.delete(
     "/v1/adapters/{task}/pin",
     response_model=AdapterInfo,
+    response_model_exclude_unset=True,  # `residency` only when asked
     responses=_errors(401, 404, 422, 503),
     dependencies=[Depends(require_admin)],
 )
@@ -227,7 +235,12 @@ async def unpin_adapter(task: TaskPath, backend: BackendDep, response: Response)
     return _info(await backend.pin_task(task, False), response)
 
 
-@router.get("/v1/adapters/{task}", response_model=AdapterInfo, responses=_errors(404, 422, 503))
+@router.get(
+    "/v1/adapters/{task}",
+    response_model=AdapterInfo,
+    response_model_exclude_unset=True,  # `residency` only when asked
+    responses=_errors(404, 422, 503),
+)
 async def get_adapter(
     task: TaskPath,
     backend: BackendDep,
