@@ -114,7 +114,9 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
 def test_serve_offers_every_readme_setting_with_its_env_var_and_default() -> None:
     from kronserve.cli import CLUSTER_ONLY, FLAGS
 
-    shown = console("kronserve", "serve", "--help").stdout
+    narrow = console("kronserve", "serve", "--help", COLUMNS="80").stdout
+    assert max(map(len, narrow.splitlines())) <= 80 and "…" not in narrow  # readable in an 80-column terminal
+    shown = " ".join(narrow.split())  # wrapped lines joined: every name whole
     listed = readme_settings()
     assert {"log_level", "max_new_tokens", "redis_url", "host", "queue_size"} <= listed
     for name in listed - CLUSTER_ONLY:

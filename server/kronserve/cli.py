@@ -30,10 +30,11 @@ from .hub import locate
 app = typer.Typer(
     help="kronserve: multi-task Compacter-family adapter serving on one frozen T5.",
     no_args_is_help=True,
+    rich_markup_mode=None,  # click's plain help: rich's table cut option and variable names at 80 columns
     pretty_exceptions_enable=False,
 )
-backbone_app = typer.Typer(help="Backbones.", no_args_is_help=True)
-adapter_app = typer.Typer(help="Adapter files.", no_args_is_help=True)
+backbone_app = typer.Typer(help="Backbones.", no_args_is_help=True, rich_markup_mode=None)
+adapter_app = typer.Typer(help="Adapter files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(backbone_app, name="backbone")
 app.add_typer(adapter_app, name="adapter")
 
@@ -102,7 +103,7 @@ def _option(name: str, field: Any) -> Any:
     dashed = name.replace("_", "-")
     flags = FLAGS.get(name) or ((f"--{dashed}/--no-{dashed}",) if kind is bool else (f"--{dashed}",))
     default = field.get_default(call_default_factory=True)
-    env = f"\\[env KRONSERVE_{name.upper()}]"  # escaped: rich would take [env ...] for markup and drop it
+    env = f"[env KRONSERVE_{name.upper()}]"
     help_text = f"{field.description} {env}" if field.description else env
     option = typer.Option(
         *flags,
@@ -292,7 +293,7 @@ def train_command(
         typer.echo(json.dumps({"uploaded": task, "url": upload_url, "version": version}))
 
 
-store_app = typer.Typer(help="The adapter store.", no_args_is_help=True)
+store_app = typer.Typer(help="The adapter store.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(store_app, name="store")
 
 
