@@ -25,8 +25,9 @@ BATCH, IN_TOKENS, NEW_TOKENS = 32, 64, 16
 
 
 def build(shape: str, device: str, dtype: str, method: str) -> tuple[Engine, list[str]]:
-    path = write_tiny_backbone(tempfile.mkdtemp(prefix="kronserve-bench-"), shape, seed=0)  # type: ignore[arg-type]
-    engine = Engine(load_backbone(str(path), device=device, dtype=dtype))
+    with tempfile.TemporaryDirectory(prefix="kronserve-bench-") as tmp:  # loaded, the files can go (231 MB: t5-small)
+        path = write_tiny_backbone(tmp, shape, seed=0)  # type: ignore[arg-type]
+        engine = Engine(load_backbone(str(path), device=device, dtype=dtype))
     spec = preset(method)
     tasks = []
     for i in range(BATCH):

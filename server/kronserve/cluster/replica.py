@@ -35,7 +35,14 @@ class Outcome:
         return self.value
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2, health_check_timeout_s=30)
+# No access log: the gateway probes every replica's `info` twice a second, which logged `CALL info OK` while idle
+# (each request is in the gateway's access log already).
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+    logging_config={"enable_access_log": False},
+)
 class Replica:
     async def __init__(self, settings: Settings, name: str, replicas: list[str], threads: int) -> None:
         import torch
