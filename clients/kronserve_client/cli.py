@@ -175,9 +175,26 @@ Residency = Annotated[bool, typer.Option("--residency", help="Also show where th
 
 
 @app.command("list")
-def list_adapters(ctx: typer.Context, residency: Residency = False) -> None:
-    """List the adapters the server serves (every page, in task order)."""
-    _call(ctx, lambda client: [a.to_json() for a in client.list_adapters(residency)])
+def list_adapters(
+    ctx: typer.Context,
+    residency: Residency = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Everything each adapter has, as JSON.")] = False,
+) -> None:
+    """List the adapters the server serves (every page, in task order): one line each, or --json."""
+    adapters = _call(ctx, lambda client: [a.to_json() for a in client.list_adapters(residency)], echo=as_json)
+    if not as_json:
+        for a in adapters:
+            typer.echo(_line(a))
+
+
+def _line(adapter: dict[str, Any]) -> str:
+    """task, version, method, parameters, the sha256's start; with residency: tier, pinned."""
+    fields = [adapter["task"], f"v{adapter['version']}", adapter["method"], f"{adapter['params']:,} params"]
+    fields.append(str(adapter["sha256"])[:12])
+    where = adapter.get("residency")
+    if where:
+        fields.append(where["tier"] + (" pinned" if where.get("pinned") else ""))
+    return "  ".join(fields)
 
 
 @app.command()

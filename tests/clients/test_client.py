@@ -617,9 +617,12 @@ def test_cli_upload_refuses_missing_files(run_cli: Callable[..., Any], tmp_path:
 
 
 def test_cli_list_and_delete(run_cli: Callable[..., Any]) -> None:
-    result, _ = run_cli(reply(200, [ADAPTER, {**ADAPTER, "task": "nli"}]), "list")
+    result, _ = run_cli(reply(200, [ADAPTER, {**ADAPTER, "task": "nli"}]), "list", "--json")
     assert result.exit_code == 0, result.output
     assert [a["task"] for a in json.loads(result.stdout)] == ["qa", "nli"]
+    compact, _ = run_cli(reply(200, [ADAPTER, {**ADAPTER, "task": "nli"}]), "list")
+    lines = compact.stdout.splitlines()  # one line per adapter by default
+    assert len(lines) == 2 and lines[1].startswith(f"nli  v{ADAPTER['version']}  {ADAPTER['method']}  ")
 
     server = Server(lambda _: httpx.Response(204))
     result, _ = run_cli(server, "--token", "flagtok", "delete", "qa")
