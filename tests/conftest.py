@@ -3,6 +3,7 @@ session's real services (redis, an S3-compatible server) and its two shared real
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,14 +54,38 @@ def sentencepiece_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sentencepiece_backbone(tmp_path_factory.mktemp("tiny_sentencepiece"))
 
 
+@dataclass
+class DemoTraining:
+    """What the first start's demo training said: its statuses (/readyz) and its log lines."""
+
+    statuses: list[str]
+    logs: list[str]
+
+
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_training(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoTraining]:
     """A cache dir as a first start on the offline demo backbone leaves it: the backbone and the trained demo
-    adapters. Training takes about a minute on 2 cores, so the whole run pays it once."""
+    adapters, and what the training said meanwhile. Training takes about a minute on 2 cores, so the whole run
+    pays it once."""
     cache = tmp_path_factory.mktemp("kronserve-cache")
     source = demo_backbone(cache)
-    demo_adapters(str(source), load_backbone(str(source), device="cpu").fingerprint, cache)
-    return cache
+    said = DemoTraining([], [])
+    handler = logging.Handler()
+    handler.emit = lambda record: said.logs.append(record.getMessage())  # type: ignore[method-assign]
+    demo_log = logging.getLogger("kronserve.demo")
+    demo_log.addHandler(handler)
+    level, demo_log.level = demo_log.level, logging.INFO
+    try:
+        demo_adapters(str(source), load_backbone(str(source), device="cpu").fingerprint, cache, said.statuses.append)
+    finally:
+        demo_log.removeHandler(handler)
+        demo_log.setLevel(level)
+    return cache, said
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_training: tuple[Path, DemoTraining]) -> Path:
+    return demo_training[0]
 
 
 @pytest.fixture(scope="session")

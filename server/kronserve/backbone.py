@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from .errors import BackboneMismatch, KronserveError
 from .hub import hub_unreachable, locate
 from .methods.base import Geometry
 
+log = logging.getLogger(__name__)
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
 Shape = Literal["tiny", "t5-small", "t5-base"]
@@ -240,9 +242,22 @@ def default_backbone(cache_dir: Path) -> str:
     """`t5-small` when it is cached or the hub answers; else an offline demo backbone built on the spot."""
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "config.json"), str) or hub_unreachable() is None:
+    if isinstance(try_to_load_from_cache(DEFAULT_HUB_ID, "config.json"), str):
+        log.info("no backbone named: %s, from the hub's cache", DEFAULT_HUB_ID)
         return DEFAULT_HUB_ID
-    return str(demo_backbone(cache_dir))
+    why = hub_unreachable()
+    if why is None:
+        log.info("no backbone named: %s, from the hub", DEFAULT_HUB_ID)
+        return DEFAULT_HUB_ID
+    demo = demo_backbone(cache_dir)
+    log.warning(
+        "no backbone named, and %s cannot be fetched (%s): serving the offline demo backbone %s, a tiny random T5 "
+        "with demo tasks; name a backbone with --backbone",
+        DEFAULT_HUB_ID,
+        why,
+        demo,
+    )
+    return str(demo)
 
 
 def demo_backbone(cache_dir: Path) -> Path:

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .backbone import Fingerprint
 from .train import Example, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 3.0  # a first start's demo training says where it is this often
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,14 @@ def cache_folder(cache_dir: Path, fingerprint: Fingerprint) -> Path:
     return Path(cache_dir) / "demo-adapters" / f"{fingerprint.digest[:12]}-{recipe_digest()}"
 
 
-def demo_adapters(source: str, fingerprint: Fingerprint, cache_dir: Path) -> dict[str, Path]:
+def demo_adapters(
+    source: str, fingerprint: Fingerprint, cache_dir: Path, status: Callable[[str], None] | None = None
+) -> dict[str, Path]:
     """Task -> its trained native file, trained now (once) for any task not cached yet.
 
     Each file is written beside its final name and renamed into place, so a start killed mid-training leaves
-    no file that a later start would take for a finished one.
+    no file that a later start would take for a finished one. Training logs its progress every few seconds and
+    tells `status` (what /readyz says meanwhile) at each step: a slow first start is never silent.
     """
     folder = cache_folder(cache_dir, fingerprint)
     files = {t.name: folder / f"{t.name}.safetensors" for t in DEMO_TASKS}
@@ -107,7 +112,7 @@ def demo_adapters(source: str, fingerprint: Fingerprint, cache_dir: Path) -> dic
         folder.mkdir(parents=True, exist_ok=True)
     for task in todo:
         started = time.perf_counter()
-        result = _train(task, source, folder)
+        result = _train(task, source, folder, _Progress(task.name, started, status))
         os.replace(result.path, files[task.name])
         summary = result.summary()
         log.info("demo adapter %r: held-out accuracy %.2f after %d steps, %.1f s",
@@ -115,13 +120,31 @@ def demo_adapters(source: str, fingerprint: Fingerprint, cache_dir: Path) -> dic
     return files
 
 
-def _train(task: DemoTask, source: str, folder: Path) -> TrainResult:
+class _Progress:
+    """`train`'s report: a log line at the first step and then every LOG_EVERY_S (step, loss, elapsed); the status
+    at each step."""
+
+    def __init__(self, task: str, started: float, status: Callable[[str], None] | None) -> None:
+        self.task, self.started, self.status = task, started, status
+        self.logged = started
+
+    def __call__(self, step: int, steps: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.status is not None:
+            self.status(f"training demo adapters ({self.task}: step {step} of at most {steps})")
+        if step == 1 or step == steps or now - self.logged >= LOG_EVERY_S:
+            self.logged = now
+            log.info("demo adapter %r: step %d of at most %d, loss %.3f, %.1f s",
+                     self.task, step, steps, loss, now - self.started)  # fmt: skip
+
+
+def _train(task: DemoTask, source: str, folder: Path, report: _Progress) -> TrainResult:
     """`kronserve train` on the task's generated rows, on the CPU (seeded: the same files on every machine)."""
     data = folder / f"{task.name}.{os.getpid()}.jsonl"
     rows = task.examples(TRAIN_EXAMPLES, seed=0)
     data.write_text("".join(json.dumps({"input": e.input, "target": e.target}) + "\n" for e in rows))
     try:
-        return train(source, data, task.name, folder / f"{task.name}.{os.getpid()}.part", RECIPE)
+        return train(source, data, task.name, folder / f"{task.name}.{os.getpid()}.part", RECIPE, report)
     finally:
         data.unlink()
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SAMPLING_EPS = 1e-5
+STARTING = "loading the backbone and the store"  # what a start-up is doing until it says more (/readyz)
 Prompt = str | list[int]  # an input as text, or as token ids (OpenAI's token-id prompts)
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # One generated token's log-probability and its `k` most likely alternatives (id, log-probability), as the engine

@@ -28,7 +28,7 @@ from .formats.native import AdapterFile, dumps, is_native
 from .front import TextFront
 from .jobs import Job, TokenStream
 from .loop import Bounds
-from .messages import GenerationParams, Started, StreamedToken
+from .messages import STARTING, GenerationParams, Started, StreamedToken
 from .methods import init_tensors, preset
 from .metrics import Metrics
 from .registry import Entry
@@ -43,11 +43,17 @@ DEMO_TASK = "demo"
 
 class Service(TextFront):
     def __init__(
-        self, settings: Settings, name: str | None = None, preload: Callable[[str], bool] | None = None
+        self,
+        settings: Settings,
+        name: str | None = None,
+        preload: Callable[[str], bool] | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         """`name` labels answers (a cluster replica's); `preload` picks the store's tasks to load at start
-        (all when None; a replica loads the tasks the ring gives it, and others on demand)."""
-        self.settings, self.name, self.preload = settings, name, preload
+        (all when None; a replica loads the tasks the ring gives it, and others on demand); `on_phase` hears what
+        start-up is doing whenever that changes (the engine process tells its supervisor)."""
+        self.settings, self.name, self.preload, self.on_phase = settings, name, preload, on_phase
+        self.phase = STARTING  # what start-up is doing now: /readyz says it
         self.metrics = Metrics(settings.metrics_max_tasks)
         self.changes: ChangeFeed | None = None
         self._engine: Engine | None = None
@@ -113,7 +119,7 @@ class Service(TextFront):
     # ---- the Backend protocol ------------------------------------------------------------------
     async def readiness(self) -> dict[str, object]:
         if not self.ready:
-            why = self.startup_error or ("draining" if self.draining else "loading the backbone and the store")
+            why = self.startup_error or ("draining" if self.draining else self.phase)
             raise NotReady(f"not ready: {why}", retry_after=5)
         registry = self.engine.registry
         ready: dict[str, object] = {"status": "ready", "adapters": len(registry.entries())}
@@ -288,10 +294,16 @@ class Service(TextFront):
         if not missing:
             return
         bb = engine.backbone
-        files = demo_adapters(bb.source, bb.fingerprint, self.settings.cache_dir)
+        files = demo_adapters(bb.source, bb.fingerprint, self.settings.cache_dir, self._starting)
         for task in missing:
             engine.registry.upload(task.name, files[task.name].read_bytes())
             log.info("added demo adapter %r", task.name)
+
+    def _starting(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            if self.on_phase is not None:
+                self.on_phase(phase)
 
 
 class LocalRun:

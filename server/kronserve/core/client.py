@@ -22,7 +22,7 @@ import zmq.asyncio
 from ..config import Settings
 from ..errors import EngineRestarting, NotReady
 from ..front import TextFront
-from ..messages import GenerationParams, Started, StreamedToken
+from ..messages import STARTING, GenerationParams, Started, StreamedToken
 from ..metrics import Metrics, merged_sum
 from ..store import VersionRef
 from ..text import TextCodec
@@ -324,7 +324,8 @@ class EngineClient(TextFront):
             raise NotReady(f"not ready: the engine failed: {self.detail}", retry_after=5)
         if self.state != "up" or self._codec is None:
             what = "starting" if self.generation <= 1 and self.state == "starting" else "restarting"
-            raise error(f"not ready: the engine is {what} (loading the backbone and the store)", retry_after=5)
+            doing = self.detail if self.state == "starting" and isinstance(self.detail, str) else STARTING
+            raise error(f"not ready: the engine is {what} ({doing})", retry_after=5)
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

@@ -51,7 +51,7 @@ def main(settings_json: str, address: str, generation: int, pipe: Connection) ->
 
 
 async def _serve(settings: Settings, address: str, generation: int, pipe: Connection) -> None:
-    service = Service(settings)
+    service = Service(settings, on_phase=lambda phase: pipe.send(("starting", phase)))
     context = zmq.asyncio.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)

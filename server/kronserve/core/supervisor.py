@@ -123,6 +123,9 @@ class Supervisor:
                     self._publish("up", detail)
                     log.info("engine %d up (pid %d)", self.generation, process.pid)
                     continue
+                if state == "starting":  # what its start-up is doing (training the demo tasks...)
+                    self._publish("starting", detail)
+                    continue
                 process.join()
                 why = f"the engine could not start: {detail}"
             elif process.sentinel in ready:

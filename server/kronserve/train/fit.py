@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,8 +147,17 @@ class TrainResult:
         }
 
 
+# Told after each optimizer step: (steps done, steps at most, that step's loss per target token).
+Report = Callable[[int, int, float], None]
+
+
 def train(
-    backbone: str, data: str | Path, task: str, out: str | Path, config: TrainConfig | None = None
+    backbone: str,
+    data: str | Path,
+    task: str,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    report: Report | None = None,
 ) -> TrainResult:
     """Train TASK's adapter on DATA, keep the best held-out epoch, and write it to OUT in the native format."""
     started = time.perf_counter()
@@ -163,7 +172,7 @@ def train(
     session = open_session(backbone, cfg)
     spec = session.plan.spec
     max_new = cfg.max_new_tokens or longest_target(session, examples)
-    history, best, steps = fit(session, train_set, eval_set, max_new, cfg)
+    history, best, steps = fit(session, train_set, eval_set, max_new, cfg, report)
     fp = session.backbone.fingerprint
     adapter = AdapterFile(task, spec, fp, best.tensors)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +214,12 @@ def longest_target(session: Session, examples: Sequence[Example]) -> int:
 
 
 def fit(
-    session: Session, train_set: list[Example], eval_set: list[Example], max_new_tokens: int, cfg: TrainConfig
+    session: Session,
+    train_set: list[Example],
+    eval_set: list[Example],
+    max_new_tokens: int,
+    cfg: TrainConfig,
+    report: Report | None = None,
 ) -> tuple[list[EpochStats], Best, int]:
     """Epochs until `epochs`, `max_steps` optimizer steps, or `patience` epochs without a better held-out accuracy;
     returns the history, the epoch to keep (with the untrained adapter's held-out numbers) and the steps taken.
@@ -224,7 +238,8 @@ def fit(
     with tqdm(total=budget, desc="train", unit="step", disable=not cfg.progress) as bar:
         for epoch in range(1, cfg.epochs + 1):
             order = rng.sample(train_set, len(train_set))[: (budget - done) * cfg.batch_size]
-            loss = run_epoch(session, optimizer, order, cfg.batch_size, bar)
+            stepped = None if report is None else (lambda i, loss, at=done: report(at + i, budget, loss))
+            loss = run_epoch(session, optimizer, order, cfg.batch_size, bar, stepped)
             done += math.ceil(len(order) / cfg.batch_size)
             ev = evaluate(session, eval_set, cfg.batch_size, max_new_tokens) if eval_set else None
             history.append(EpochStats(epoch, loss, ev.loss if ev else None, ev.accuracy if ev else None))
@@ -246,10 +261,11 @@ def run_epoch(
     order: list[Example],
     batch_size: int,
     bar: tqdm | None = None,
+    stepped: Callable[[int, float], None] | None = None,
 ) -> float:
-    """One pass; returns the epoch's mean loss per target token."""
+    """One pass; returns the epoch's mean loss per target token. `stepped` hears (steps this pass, step loss)."""
     total, tokens = 0.0, 0
-    for chunk in chunks(order, batch_size):
+    for i, chunk in enumerate(chunks(order, batch_size), 1):
         batch = session.batch(chunk)
         n = int((batch.labels != IGNORE).sum())
         loss = session.token_losses(batch)
@@ -262,4 +278,6 @@ def run_epoch(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item() / n:.4f}", refresh=False)
+        if stepped is not None:
+            stepped(i, loss.item() / n)
     return total / tokens
