@@ -256,7 +256,7 @@ def train_command(
     lr: float = 3e-3,
     eval_fraction: Annotated[float, typer.Option(help="share of the data held out for early stopping")] = 0.1,
     patience: Annotated[int, typer.Option(help="epochs without a better eval accuracy before stopping")] = 3,
-    max_new_tokens: Annotated[int | None, typer.Option(help="eval generation length \\[longest target]")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="eval generation length (unset: longest target)")] = None,
     seed: int = 0,
     device: Device = Device.auto,  # type: ignore[attr-defined]
     upload_url: Annotated[str | None, typer.Option("--upload", help="server URL to upload the result to")] = None,
@@ -271,7 +271,11 @@ def train_command(
     unless --force.
     """
     locate(backbone)
+    import torch
+
     from .train import TrainConfig, train, upload
+
+    torch.set_num_threads(Settings().intra_op_threads())  # KRONSERVE_TORCH_THREADS, as the server's engine
 
     config = TrainConfig(
         method, reduction_factor, phm_dim, rank, layer_norms, epochs, batch_size, lr, eval_fraction, patience,

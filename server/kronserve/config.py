@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -97,6 +98,12 @@ class Settings(BaseSettings):
         description="drop a client that takes no bytes of its answer this long once the buffers are full (a stream "
         "nobody reads): its request leaves the engine",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads of the engine (and of kronserve train); unset: half the cores, at least 1 "
+        "(OpenMP spin-waits on cores the API process also needs)",
+    )
     max_connections: int = Field(
         default=1024, ge=1, description="open connections (or requests) before new ones get a plain 503 (uvicorn)"
     )
@@ -137,6 +144,10 @@ class Settings(BaseSettings):
     fault_point: str | None = Field(
         default=None, description="tests only: SIGKILL the server at this moment of an upload (see store.FAULT_POINTS)"
     )
+
+    def intra_op_threads(self) -> int:
+        """`torch_threads`, or half the cores (at least 1): see the README's measurement."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // 2)
 
     @property
     def pinned(self) -> list[str]:

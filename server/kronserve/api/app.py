@@ -188,6 +188,9 @@ def serve(settings: Settings) -> None:
             settings.port,
         )
     if not settings.engine_process:
+        import torch
+
+        torch.set_num_threads(settings.intra_op_threads())
         _serve_app(settings, create_app(settings))
         return
     from ..core.supervisor import Supervisor

@@ -47,7 +47,7 @@ class Replica:
     async def __init__(self, settings: Settings, name: str, replicas: list[str], threads: int) -> None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(settings.torch_threads or threads)
         ring = Ring(replicas)
         self.name = name
         self.owns = lambda task: ring.owner(task) == name

@@ -17,6 +17,7 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -47,6 +48,7 @@ def main(settings_json: str, address: str, generation: int, pipe: Connection) ->
     settings = Settings.model_validate_json(settings_json)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    torch.set_num_threads(settings.intra_op_threads())
     asyncio.run(_serve(settings, address, generation, pipe))
 
 
