@@ -24,3 +24,16 @@ def test_choices_are_checked(field: str, value: str) -> None:
 
 def test_log_level_is_case_insensitive() -> None:
     assert Settings(log_level="WARNING").log_level == "warning"
+
+
+def test_torch_threads_default_to_every_core_to_serve_and_half_to_train(monkeypatch) -> None:
+    import os
+
+    from kronserve.config import Settings
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (Settings().intra_op_threads(), Settings().intra_op_threads(training=True)) == (2, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert Settings().intra_op_threads(training=True) == 1
+    chosen = Settings(torch_threads=3)
+    assert (chosen.intra_op_threads(), chosen.intra_op_threads(training=True)) == (3, 3)

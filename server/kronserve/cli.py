@@ -275,7 +275,7 @@ def train_command(
 
     from .train import TrainConfig, train, upload
 
-    torch.set_num_threads(Settings().intra_op_threads())  # KRONSERVE_TORCH_THREADS, as the server's engine
+    torch.set_num_threads(Settings().intra_op_threads(training=True))  # KRONSERVE_TORCH_THREADS, as the server
 
     config = TrainConfig(
         method, reduction_factor, phm_dim, rank, layer_norms, epochs, batch_size, lr, eval_fraction, patience,

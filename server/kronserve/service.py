@@ -36,6 +36,7 @@ from .scheduler import Scheduler
 from .store import VersionRef, open_store
 from .t5_sites import base_norms
 from .text import TextCodec
+from .train import torch_threads
 
 log = logging.getLogger(__name__)
 DEMO_TASK = "demo"
@@ -294,7 +295,8 @@ class Service(TextFront):
         if not missing:
             return
         bb = engine.backbone
-        files = demo_adapters(bb.source, bb.fingerprint, self.settings.cache_dir, self._starting)
+        with torch_threads(self.settings.intra_op_threads(training=True)):
+            files = demo_adapters(bb.source, bb.fingerprint, self.settings.cache_dir, self._starting)
         for task in missing:
             engine.registry.upload(task.name, files[task.name].read_bytes())
             log.info("added demo adapter %r", task.name)

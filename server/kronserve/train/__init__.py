@@ -12,7 +12,7 @@ One module per concern: `data` (examples and the split), `trainable` (the plan t
 """
 
 from .data import Example, read_examples, split_examples
-from .fit import TrainConfig, TrainResult, open_session, run_epoch, train
+from .fit import TrainConfig, TrainResult, open_session, run_epoch, torch_threads, train
 from .session import Session, evaluate
 from .trainable import TrainablePlan
 from .upload import upload
@@ -28,6 +28,7 @@ __all__ = [
     "read_examples",
     "run_epoch",
     "split_examples",
+    "torch_threads",
     "train",
     "upload",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,18 @@ class TrainResult:
 
 # Told after each optimizer step: (steps done, steps at most, that step's loss per target token).
 Report = Callable[[int, int, float], None]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` within the block (a server trains its demo tasks with fewer threads than
+    it serves with: Settings.intra_op_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train(
