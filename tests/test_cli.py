@@ -38,6 +38,7 @@ def test_backbone_adapter_init_and_inspect(tmp_path: Path) -> None:
     info = json.loads(kronserve("adapter", "inspect", str(out)).stdout)
     expect = preset("compacter", reduction_factor=16, rank=2, layer_norms=True).param_count(Geometry(128, 2, 2))
     assert info["params"] == expect and info["task"] == "qa" and info["spec"]["rank"] == 2
+    assert info["base_model"] == str(bb)  # the backbone as it was typed, not only its digest
     backbone = load_backbone(str(bb), device="cpu")
     a = load(out, backbone.fingerprint)
     assert abs(a.tensors["encoder.0.mh.down.b"].std().item() - 0.1) < 0.06  # --std draws biases too

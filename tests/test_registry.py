@@ -4,6 +4,8 @@ test_changes.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kronserve.engine import Engine
@@ -113,3 +115,20 @@ def test_a_leased_version_answers_after_its_file_left_the_store(backbone, adapte
     assert registry.unavailable() == {} and registry.metrics.adapters_unavailable._value.get() == 0
     registry.release([held_v1, held_v2])
     assert registry._kept == {} and registry.resident() == 0
+
+
+def test_a_backbone_mismatch_names_both_backbones(engine: Engine, other_tiny_dir) -> None:
+    """Refused with the name the adapter records (`base_model`) and the name this server was given, not only the
+    first field that differs."""
+    from kronserve.backbone import load_backbone
+    from kronserve.errors import BackboneMismatch
+
+    from .conftest import make_adapter
+
+    other = make_adapter(load_backbone(str(other_tiny_dir), device="cpu"), "t", "compacter")
+    data = dumps(dataclasses.replace(other, base_model=str(other_tiny_dir)))
+    with pytest.raises(BackboneMismatch) as refused:
+        engine.registry.upload("t", data)
+    message = str(refused.value)
+    assert f"made on {str(other_tiny_dir)!r}" in message
+    assert f"this server runs {engine.backbone.source!r}" in message

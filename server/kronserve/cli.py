@@ -209,7 +209,7 @@ def adapter_init(
     """Write a new adapter for BACKBONE, initialized as its paper does (or randomly with --std)."""
     locate(backbone)  # fails in a second, before torch is imported, on a backbone that cannot load
     from .backbone import load_backbone
-    from .formats.native import AdapterFile, save
+    from .formats.native import MAX_BASE_MODEL, AdapterFile, save
     from .methods import init_tensors, preset
     from .t5_sites import base_norms
 
@@ -232,8 +232,8 @@ def adapter_init(
     )
     norms = {k: v.float() for k, v in base_norms(bb.model).items()}
     tensors = init_tensors(spec, geometry, seed=seed, std=std, base_norms=norms)
-    save(AdapterFile(task, spec, fp, tensors), out)
-    typer.echo(json.dumps(_describe(spec, geometry, task)))
+    save(AdapterFile(task, spec, fp, tensors, backbone[:MAX_BASE_MODEL]), out)  # base_model: as typed
+    typer.echo(json.dumps({**_describe(spec, geometry, task), "base_model": backbone[:MAX_BASE_MODEL]}))
 
 
 @app.command("train")

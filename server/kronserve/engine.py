@@ -94,6 +94,7 @@ class Engine:
         self.registry = Registry(self.device, self.host, fp, store, metrics, max_adapters)
         self.registry.on_new_version = self._keep_pinned
         self.registry.on_upload = self._pin_room
+        self.registry.serving = backbone.source
         # How work on device memory and forward passes reaches the one thread that owns them: the step loop sets it
         # to run them between its steps (so no lock sits on the step path); alone, the engine runs them in place.
         self.owner: Callable[[Callable[[], Any]], Any] = _in_place

@@ -34,7 +34,7 @@ from pathlib import Path
 from .backbone import Fingerprint
 from .compact import Compact, compact
 from .device_tier import DeviceTier
-from .errors import BankFull, KronserveError, UnknownTask
+from .errors import BackboneMismatch, BankFull, KronserveError, UnknownTask
 from .formats import native
 from .formats.native import AdapterFile
 from .host_tier import HostTier
@@ -148,6 +148,7 @@ class Registry:
         # Around each upload (task, its spec, pin it too): the engine refuses and reserves pins' device room there.
         self.on_upload: Callable[[str, MethodSpec, bool], AbstractContextManager[None]] = _no_check
         self.on_drop: Callable[[tuple], None] = device.drop  # the engine routes it to the thread owning the device
+        self.serving: str | None = None  # the backbone's name as the server was given it (for mismatch errors)
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, task: str) -> Entry:
@@ -279,6 +280,8 @@ class Registry:
                 entry = self._persist(adapter, data, packed)
         except KronserveError as e:
             self.metrics.adapter_load_failures.labels("upload", e.code).inc()
+            if isinstance(e, BackboneMismatch) and self.serving is not None:
+                raise BackboneMismatch(f"{e}; this server runs {self.serving!r}") from None
             raise
         self.metrics.adapter_loads.labels("upload").inc()
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)

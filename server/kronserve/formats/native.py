@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from ..backbone import Fingerprint
-from ..errors import InvalidAdapter, InvalidSpec, UnsupportedFormat
+from ..errors import BackboneMismatch, InvalidAdapter, InvalidSpec, UnsupportedFormat
 from ..methods import Geometry, MethodSpec, parse_spec
 
 FORMAT = "kronserve-adapter"
@@ -87,7 +87,7 @@ def loads(data: bytes, expect: Fingerprint | None = None) -> AdapterFile:
     spec = _spec_of(metadata)
     fingerprint = Fingerprint.from_dict(_json_field(metadata, "backbone"))
     if expect is not None:
-        expect.check(fingerprint)
+        _check_backbone(expect, fingerprint, metadata)
     check_header(spec, fingerprint.geometry, header)
     try:
         tensors = safetensors.torch.load(data)
@@ -113,7 +113,7 @@ def loads_header(head: bytes, expect: Fingerprint) -> tuple[MethodSpec, str | No
     if "backbone" not in metadata:
         raise InvalidAdapter("metadata 'backbone' is missing")
     fingerprint = _fingerprint_of(metadata["backbone"])
-    expect.check(fingerprint)
+    _check_backbone(expect, fingerprint, metadata)
     check_header(spec, fingerprint.geometry, header)
     return spec, _base_model(metadata), 8 + int.from_bytes(head[:8], "little") + data
 
@@ -157,6 +157,15 @@ def _metadata(header: dict) -> dict[str, str]:
     if not metadata.get("task"):
         raise InvalidAdapter("metadata 'task' is missing")
     return metadata
+
+
+def _check_backbone(expect: Fingerprint, fingerprint: Fingerprint, metadata: dict[str, str]) -> None:
+    """BackboneMismatch also names the backbone the file says it was made on (`base_model`), not digests alone."""
+    try:
+        expect.check(fingerprint)
+    except BackboneMismatch as e:
+        base = metadata.get("base_model")
+        raise BackboneMismatch(f"{e}; the adapter was made on {base!r}" if base else str(e)) from None
 
 
 def _base_model(metadata: dict[str, str]) -> str | None:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import load_backbone
 from ..errors import InvalidRequest, KronserveError
-from ..formats.native import AdapterFile, save
+from ..formats.native import MAX_BASE_MODEL, AdapterFile, save
 from ..methods import Geometry, MethodSpec, init_tensors, preset
 from ..store import check_task_id
 from ..t5_sites import base_norms, install_sites
@@ -187,7 +187,7 @@ def train(
     max_new = cfg.max_new_tokens or longest_target(session, examples)
     history, best, steps = fit(session, train_set, eval_set, max_new, cfg, report)
     fp = session.backbone.fingerprint
-    adapter = AdapterFile(task, spec, fp, best.tensors)
+    adapter = AdapterFile(task, spec, fp, best.tensors, backbone[:MAX_BASE_MODEL])  # base_model: as it was given
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save(adapter, out)
     params = sum(p.numel() for p in session.plan.parameters())
