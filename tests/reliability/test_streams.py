@@ -1,4 +1,5 @@
-"""Streams under refusal, time and a client that stops reading:
+"""Streams under refusal, time and a client that stops reading (and, on the same server's damaged stored file, a pin
+that cannot read its weights):
 - everything that refuses a stream (a full queue, a timeout while queued, an adapter that cannot be read) does so
   before the first byte: the same status and `Retry-After` as without `stream`, and counted so in the metrics;
 - the request timeout bounds a stream's wait for its first token and each gap between tokens, not its whole run:
@@ -113,3 +114,14 @@ def test_a_client_that_stops_reading_is_dropped_and_its_rows_freed(streams: Serv
     except ConnectionResetError:
         pass
     sock.close()
+
+
+def test_a_pin_that_cannot_read_its_weights_is_not_recorded(streams: Server, payload: Payload) -> None:
+    """The damaged stored file refuses the pin (503) and leaves no pin behind for the task's next version."""
+    r = httpx.put(f"{streams.url}/v1/adapters/damaged/pin", timeout=60)
+    assert r.status_code == 503 and error_code(r) == "store_error"
+    data = payload("damaged", "lora", seed=2, rank=16)
+    r = httpx.put(f"{streams.url}/v1/adapters/damaged", files={"file": ("a", data)}, timeout=60)
+    assert r.status_code == 201
+    info = httpx.get(f"{streams.url}/v1/adapters/damaged", params={"residency": True}, timeout=60).json()
+    assert info["version"] == 2 and info["residency"]["pinned"] is False

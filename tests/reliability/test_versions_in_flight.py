@@ -16,7 +16,7 @@ from .conftest import TIMEOUT, Payload, Reference, error_code, metric, metric_sa
 TASKS = ("churn-a", "churn-b")
 SEEDS = (41, 42)
 CLIENTS = 4
-SCORES_PER_CLIENT = 60
+SCORES_PER_CLIENT = 40
 
 
 class Race:
